@@ -1,0 +1,100 @@
+"""`fluxserve serve | tiny-model | generate`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fluxserve.config import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-hosted FLUX text-to-image API.")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def settings_with(**overrides) -> Settings:
+    """Settings from the environment, with the CLI flags that were given on top."""
+    return Settings(**{name: value for name, value in overrides.items() if value is not None})
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Bind address [env FLUXSERVE_HOST]")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port [env FLUXSERVE_PORT]")] = None,
+    model: Annotated[Optional[str], typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Jobs and outputs live here [env FLUXSERVE_DATA_DIR]")] = None,
+) -> None:
+    """Start the API (with an embedded worker unless FLUXSERVE_WORKER=false)."""
+    import uvicorn
+
+    from fluxserve.api import create_app
+
+    configure_logging()
+    settings = settings_with(host=host, port=port, model=model, data_dir=data_dir)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command("tiny-model")
+def tiny_model(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the diffusers pipeline to")],
+    seed: Annotated[int, typer.Option(help="Initialisation seed (same seed, same weights)")] = 0,
+) -> None:
+    """Build the tiny random-weight FLUX pipeline offline (for demos and tests)."""
+    from fluxserve.engine.tiny import save_tiny_model
+
+    save_tiny_model(out_dir, seed=seed)
+    typer.echo(f"tiny FLUX pipeline written to {out_dir}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="positivePrompt")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Image file to write")] = Path("out.jpg"),
+    width: int = 1024,
+    height: int = 1024,
+    steps: int = 25,
+    seed: int = 1184522,
+    cfg_scale: Annotated[float, typer.Option("--cfg-scale", help="CFGScale (FLUX guidance)")] = 7,
+    output_format: Annotated[Optional[str], typer.Option("--format", help="JPG, PNG or WEBP (default: from -o)")] = None,
+    scheduler: str = "Euler",
+    model: Annotated[Optional[str], typer.Option(help="As for serve; the tiny demo model when unset")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Where the tiny demo model is kept")] = None,
+) -> None:
+    """Generate one image locally with the engine (no server)."""
+    from tqdm import tqdm
+
+    from fluxserve.contract import RequestError, parse_request
+    from fluxserve.encode import encode_image
+    from fluxserve.engine import GenerationParams, load_engine
+
+    configure_logging("WARNING")
+    fmt = output_format or {"png": "PNG", "webp": "WEBP"}.get(output.suffix.lower().lstrip("."), "JPG")
+    try:
+        request = parse_request(
+            {"positivePrompt": prompt, "width": width, "height": height, "steps": steps, "seed": seed,
+             "CFGScale": cfg_scale, "outputFormat": fmt.upper(), "scheduler": scheduler}
+        ).with_resolved_seed()
+    except RequestError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    settings = settings_with(model=model, data_dir=data_dir)
+    engine = load_engine(settings)
+    params = GenerationParams(request.positivePrompt, request.width, request.height, request.steps,
+                              request.seed, request.CFGScale, request.scheduler)
+    with tqdm(total=request.steps, unit="step") as bar:
+        image = engine.generate(params, on_step=lambda step, total: bar.update(step - bar.n))
+    data, _ = encode_image(image, request.outputFormat)
+    output.write_bytes(data)
+    typer.echo(f"wrote {output} ({request.width}x{request.height}, seed {request.seed})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The public contract: the hosted API's request parameters, states and error body.
+
+Names, types, ranges and defaults are exactly those of the Juggernaut Pro Flux page. Everything the
+API accepts from a client passes through `GenerateRequest`; everything it says back about a job uses
+the four `JobState`s.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+
+from fluxserve.engine.schedulers import SCHEDULER_NAMES, SCHEDULERS
+
+DEFAULT_PROMPT = (
+    "Middle-aged man sitting alone at diner counter, 3am, half-eaten pie, reflection in window, "
+    "fluorescent lighting casting shadows."
+)
+DEFAULT_SEED = 1184522
+RANDOM_SEED = -1
+MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 10_000
+
+OUTPUT_FORMATS = ("JPG", "PNG", "WEBP")
+MEDIA_TYPES = {"JPG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+EXTENSIONS = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "QUEUED"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED)
+
+
+# CFGScale: the page says integer 0-30; FLUX's distilled guidance is commonly fractional (3.5), so a
+# JSON number in range is accepted too. A string or a boolean is still a type error.
+Guidance = Annotated[StrictInt | float, Field(ge=0, le=30)]
+Side = Annotated[StrictInt, Field(ge=128, le=2048)]
+
+
+class GenerateRequest(BaseModel):
+    """The page's eight parameters, plus `base64` (the hosted API's switch for a JSON/base64 answer)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    positivePrompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    width: Side = 1024
+    height: Side = 1024
+    steps: Annotated[StrictInt, Field(ge=1, le=100)] = 25
+    seed: Annotated[StrictInt, Field(ge=RANDOM_SEED, le=MAX_SEED)] = DEFAULT_SEED
+    CFGScale: Guidance = 7
+    outputFormat: Literal["JPG", "PNG", "WEBP"] = "JPG"
+    scheduler: str = "Euler"
+    base64: StrictBool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateRequest:
+        if not self.positivePrompt.strip():
+            raise ValueError("positivePrompt must not be empty")
+        spec = SCHEDULERS.get(self.scheduler)
+        if spec is None:
+            raise ValueError(
+                f"scheduler {self.scheduler!r} is not one of: " + ", ".join(SCHEDULER_NAMES)
+            )
+        if not spec.available:
+            raise ValueError(
+                f"scheduler {self.scheduler!r} is not available yet; available: "
+                + ", ".join(name for name in SCHEDULER_NAMES if SCHEDULERS[name].available)
+            )
+        return self
+
+    def with_resolved_seed(self) -> GenerateRequest:
+        """Replace `seed: -1` by a concrete random seed, so a retried job draws the same image."""
+        if self.seed != RANDOM_SEED:
+            return self
+        return self.model_copy(update={"seed": secrets.randbelow(2**32)})
+
+
+class RequestError(ValueError):
+    """A client error with the message that goes into the `{"error": ...}` body."""
+
+
+def parse_request(payload: object) -> GenerateRequest:
+    """Validate a decoded JSON body; raise RequestError naming the offending field."""
+    if not isinstance(payload, dict):
+        raise RequestError("Request body must be a JSON object")
+    try:
+        return GenerateRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise RequestError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    messages = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            messages.append(f"Unknown field: {field}")
+        elif err["type"] == "missing":
+            messages.append(f"{field}: required")
+        elif err["type"] == "value_error" and not field:
+            messages.append(str(err["ctx"]["error"]))
+        elif field:
+            messages.append(f"{field}: {err['msg']}")
+        else:
+            messages.append(err["msg"])
+    return "; ".join(messages)
+
+
+def error_body(message: str) -> dict[str, str]:
+    return {"error": message}

@@ -1,0 +1,180 @@
+"""The worker: claim → generate → encode → store → complete, with the lease renewed while it runs.
+
+It is the only thing that touches the engine. In the embedded default it is a thread of the API
+process; `fluxserve worker` runs the same loop on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from fluxserve.contract import EXTENSIONS, GenerateRequest
+from fluxserve.encode import encode_image
+from fluxserve.engine import Engine, GenerationCancelled, GenerationParams
+from fluxserve.faults import Faults
+from fluxserve.jobs import Job, JobStore, Lease
+from fluxserve.outputs import OutputStore
+
+log = logging.getLogger(__name__)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def output_key(job: Job) -> str:
+    return f"{job.id}.{EXTENSIONS[job.params['outputFormat']]}"
+
+
+class LeaseKeeper:
+    """Renews a lease in the background; `lost` is set once the store says it is no longer ours."""
+
+    def __init__(self, store: JobStore, lease: Lease, interval: float) -> None:
+        self.store = store
+        self.lease = lease
+        self.interval = interval
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.job_id[:8]}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.store.heartbeat(self.lease):
+                    log.warning("lease on job %s was lost; abandoning it", self.lease.job_id)
+                    self.lost.set()
+                    return
+            except Exception:  # a store hiccup: keep trying until the lease itself lapses
+                log.exception("heartbeat for job %s failed", self.lease.job_id)
+
+
+class Worker:
+    def __init__(
+        self,
+        store: JobStore,
+        outputs: OutputStore,
+        engine: Engine,
+        *,
+        lease_seconds: float,
+        slugs: list[str] | None = None,
+        faults: Faults | None = None,
+        idle_poll_seconds: float = 0.2,
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.outputs = outputs
+        self.engine = engine
+        self.lease_seconds = lease_seconds
+        self.slugs = slugs
+        self.faults = faults or Faults()
+        self.idle_poll_seconds = idle_poll_seconds
+        self.worker_id = worker_id or new_worker_id()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop claiming; the job in hand (if any) runs to its end first."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run_forever(self) -> None:
+        log.info("worker %s started", self.worker_id)
+        while not self._stopping.is_set():
+            try:
+                if not self.run_once():
+                    self._stopping.wait(self.idle_poll_seconds)
+            except Exception:
+                log.exception("worker loop error; continuing")
+                self._stopping.wait(1.0)
+        log.info("worker %s stopped", self.worker_id)
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when there was none."""
+        claimed = self.store.claim(self.worker_id, self.slugs)
+        if claimed is None:
+            return False
+        self.process(*claimed)
+        return True
+
+    # -- one job -------------------------------------------------------------------------------
+
+    def process(self, job: Job, lease: Lease) -> None:
+        log.info("job %s claimed (attempt %d)", job.id, job.attempts)
+        with LeaseKeeper(self.store, lease, interval=self.lease_seconds / 3) as keeper:
+            try:
+                result = self._generate(job, keeper)
+            except GenerationCancelled:
+                return  # the lease is gone: another worker owns the job now
+            except Exception as exc:
+                log.exception("job %s failed", job.id)
+                self.store.fail(lease, f"Generation failed: {type(exc).__name__}: {exc}")
+                return
+        if not self.store.complete(lease, result):
+            log.warning("job %s finished after its lease was lost; result discarded", job.id)
+            return
+        log.info("job %s completed in %.2fs", job.id, result["metrics"]["inference_time"])
+
+    def _generate(self, job: Job, keeper: LeaseKeeper) -> dict[str, Any]:
+        request = GenerateRequest.model_validate(job.params)
+        params = GenerationParams(
+            prompt=request.positivePrompt,
+            width=request.width,
+            height=request.height,
+            steps=request.steps,
+            seed=request.seed,
+            guidance=request.CFGScale,
+            scheduler=request.scheduler,
+        )
+
+        def on_step(step: int, total: int) -> None:
+            if keeper.lost.is_set():
+                raise GenerationCancelled()
+
+        self.faults.before_generate(params.prompt)
+        started = time.perf_counter()
+        image = self.engine.generate(params, on_step=on_step)
+        inference_time = time.perf_counter() - started
+
+        started = time.perf_counter()
+        data, media_type = encode_image(image, request.outputFormat)
+        key = output_key(job)
+        self.outputs.put(key, data)
+        encode_time = time.perf_counter() - started
+
+        return {
+            "output_key": key,
+            "media_type": media_type,
+            "metrics": {
+                "inference_time": round(inference_time, 4),
+                "encode_time": round(encode_time, 4),
+                "queue_time": round(max(0.0, (job.started_at or job.created_at) - job.created_at), 4),
+                "seed": request.seed,
+                "width": request.width,
+                "height": request.height,
+                "steps": request.steps,
+                "scheduler": request.scheduler,
+                "attempts": job.attempts,
+                "bytes": len(data),
+            },
+        }
