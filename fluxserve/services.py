@@ -54,7 +54,7 @@ class EngineSlot:
 class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.demo = settings.model is None
+        self.demo = not settings.model
         self.store = open_store(settings)
         self.outputs = open_outputs(settings)
         self.faults = Faults.parse(settings.faults)

@@ -1,0 +1,45 @@
+"""A job accepted before a crash (SIGKILL) is done after the restart: none is lost."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from conftest import SLUG, ServerProcess, wait_status
+
+
+def test_sigkill_mid_queue_then_restart_completes_every_job(tmp_path, tiny_model):
+    env = {"FLUXSERVE_MODEL": str(tiny_model), "FLUXSERVE_LEASE_SECONDS": "2"}
+    data = tmp_path / "data"
+    first = ServerProcess(data, env=env).start()
+    ids = []
+    try:
+        with httpx.Client(base_url=first.url, timeout=30) as http:
+            # Big enough that the queue is still full when the process dies.
+            for i in range(6):
+                body = {"positivePrompt": f"durable job {i}", "width": 1024, "height": 1024, "steps": 12, "seed": i}
+                response = http.post(f"/v2/{SLUG}", json=body)
+                assert response.status_code == 200
+                ids.append(response.json()["request_id"])
+            deadline = time.monotonic() + 60
+            while http.get(f"/v2/requests/{ids[0]}/status").json()["status"] != "PROCESSING":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        first.kill()
+
+    second = ServerProcess(data, env=env).start()
+    try:
+        with httpx.Client(base_url=second.url, timeout=30) as http:
+            # The crash really interrupted the work: the last job had not run yet.
+            assert http.get(f"/v2/requests/{ids[-1]}/status").json()["status"] in ("QUEUED", "PROCESSING")
+            for request_id in ids:
+                assert wait_status(http, request_id, timeout=180)["status"] == "COMPLETED"
+                result = http.get(f"/v2/requests/{request_id}").json()
+                assert http.get(httpx.URL(result["output"]).path).status_code == 200
+            # The job that was running when the process died was reclaimed after its lease lapsed.
+            first_result = http.get(f"/v2/requests/{ids[0]}").json()
+            assert first_result["metrics"]["attempts"] == 2
+    finally:
+        second.stop()

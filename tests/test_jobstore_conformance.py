@@ -1,0 +1,182 @@
+"""One conformance suite for every JobStore backend: transitions, leases, retention, races, order."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from fluxserve.contract import JobState
+from fluxserve.jobs import Job, new_job_id
+from fluxserve.jobs.sqlite import SqliteJobStore
+
+LEASE = 0.6
+
+
+@pytest.fixture(params=["sqlite"])
+def make_store(request, tmp_path):
+    """A factory, so a test can open a second handle on the same backend (another 'process')."""
+    opened = []
+
+    def make(**overrides):
+        options = dict(lease_seconds=LEASE, max_attempts=2, retention_seconds=30.0) | overrides
+        if request.param == "sqlite":
+            store = SqliteJobStore(tmp_path / "jobs.sqlite3", **options)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture()
+def store(make_store):
+    return make_store()
+
+
+def submit(store, slug="m", **params) -> Job:
+    return store.submit(Job(id=new_job_id(), slug=slug, params={"n": 1, **params}))
+
+
+def test_lifecycle_queued_processing_completed(store):
+    job = submit(store)
+    assert store.get(job.id).state is JobState.QUEUED
+    assert store.queue_position(job.id) == 0
+    claimed, lease = store.claim("w1")
+    assert claimed.id == job.id and claimed.state is JobState.PROCESSING and claimed.attempts == 1
+    assert store.queue_position(job.id) is None
+    assert store.heartbeat(lease)
+    assert store.complete(lease, {"output_key": "k"})
+    done = store.get(job.id)
+    assert done.state is JobState.COMPLETED and done.result == {"output_key": "k"}
+    assert done.finished_at >= done.created_at and done.expires_at > done.finished_at
+    # Terminal is terminal: nothing moves it again.
+    assert not store.fail(lease, "late")
+    assert not store.complete(lease, {})
+    assert not store.heartbeat(lease)
+    assert store.claim("w2") is None
+
+
+def test_failed_keeps_its_error(store):
+    job = submit(store)
+    _, lease = store.claim("w1")
+    assert store.fail(lease, "boom")
+    failed = store.get(job.id)
+    assert failed.state is JobState.FAILED and failed.error == "boom"
+
+
+def test_unknown_id(store):
+    assert store.get(new_job_id()) is None
+    assert store.queue_position(new_job_id()) is None
+
+
+def test_fifo_order_and_positions(store):
+    jobs = [submit(store, i=i) for i in range(5)]
+    assert [store.queue_position(job.id) for job in jobs] == [0, 1, 2, 3, 4]
+    order = []
+    while (claimed := store.claim("w")) is not None:
+        order.append(claimed[0].id)
+        store.complete(claimed[1], {})
+    assert order == [job.id for job in jobs]
+
+
+def test_claim_filters_by_slug(store):
+    a = submit(store, slug="a")
+    b = submit(store, slug="b")
+    assert store.queue_position(b.id) == 0  # positions are per model
+    assert store.claim("w", slugs=["b"])[0].id == b.id
+    assert store.claim("w", slugs=["b"]) is None
+    assert store.claim("w", slugs=["a", "c"])[0].id == a.id
+
+
+def test_lapsed_lease_is_reclaimed_and_stale_owner_is_ignored(store):
+    job = submit(store)
+    _, old = store.claim("w1")
+    assert store.claim("w2") is None  # leased: nobody else gets it
+    time.sleep(LEASE + 0.1)
+    reclaimed, new = store.claim("w2")
+    assert reclaimed.id == job.id and reclaimed.attempts == 2 and new.token != old.token
+    # The first worker comes back late: its heartbeat and its result change nothing.
+    assert not store.heartbeat(old)
+    assert not store.complete(old, {"from": "old"})
+    assert store.get(job.id).state is JobState.PROCESSING
+    assert store.complete(new, {"from": "new"})
+    assert store.get(job.id).result == {"from": "new"}
+
+
+def test_heartbeat_keeps_the_lease(store):
+    submit(store)
+    _, lease = store.claim("w1")
+    for _ in range(4):
+        time.sleep(LEASE / 2)
+        assert store.heartbeat(lease)
+    assert store.claim("w2") is None
+
+
+def test_retry_budget_ends_failed(store):
+    job = submit(store)
+    for _ in range(2):  # max_attempts=2
+        assert store.claim("w") is not None
+        time.sleep(LEASE + 0.1)
+    assert store.claim("w") is None
+    failed = store.get(job.id)
+    assert failed.state is JobState.FAILED and "stopped responding" in failed.error
+
+
+def test_retention_expiry(make_store):
+    store = make_store(retention_seconds=0.5)
+    job = submit(store)
+    _, lease = store.claim("w")
+    store.complete(lease, {"output_key": "x"})
+    assert store.get(job.id) is not None
+    time.sleep(0.6)
+    assert store.get(job.id) is None
+    purged = store.purge_expired()
+    assert [j.id for j in purged] == [job.id] and purged[0].result == {"output_key": "x"}
+    assert store.purge_expired() == []
+
+
+def test_unfinished_jobs_never_expire(make_store):
+    store = make_store(retention_seconds=0.2)
+    job = submit(store)
+    time.sleep(0.3)
+    assert store.purge_expired() == []
+    assert store.get(job.id).state is JobState.QUEUED
+
+
+def test_concurrent_claimers_never_share_a_job(make_store):
+    stores = [make_store(lease_seconds=30) for _ in range(4)]
+    ids = {submit(stores[0], i=i).id for i in range(40)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def work(store, name):
+        while (got := store.claim(name)) is not None:
+            with lock:
+                claimed.append(got[0].id)
+            assert store.complete(got[1], {})
+
+    threads = [threading.Thread(target=work, args=(s, f"w{i}")) for i, s in enumerate(stores) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(ids)  # each exactly once
+
+
+def test_wait_terminal_wakes_on_completion(store):
+    job = submit(store)
+    _, lease = store.claim("w")
+    timer = threading.Timer(0.3, store.complete, args=(lease, {}))
+    timer.start()
+    started = time.monotonic()
+    done = store.wait_terminal(job.id, timeout=10)
+    assert done.state is JobState.COMPLETED
+    assert time.monotonic() - started < 5
+    assert store.wait_terminal(submit(store).id, timeout=0.2).state is JobState.QUEUED
+
+
+def test_ping(store):
+    assert store.ping()
