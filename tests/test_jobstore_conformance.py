@@ -40,6 +40,13 @@ def submit(store, slug="m", **params) -> Job:
     return store.submit(Job(id=new_job_id(), slug=slug, params={"n": 1, **params}))
 
 
+def test_submitted_record_round_trips(store):
+    job = store.submit(Job(id=new_job_id(), slug="m", params={"a": [1, "b"]}, owner="acct-1", meta={"k": {"v": 2}}))
+    got = store.get(job.id)
+    assert (got.slug, got.params, got.owner, got.meta) == ("m", {"a": [1, "b"]}, "acct-1", {"k": {"v": 2}})
+    assert got.created_at == pytest.approx(job.created_at)
+
+
 def test_lifecycle_queued_processing_completed(store):
     job = submit(store)
     assert store.get(job.id).state is JobState.QUEUED

@@ -34,6 +34,10 @@ class Job:
     lease_expires_at: float | None = None
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    # The account that submitted the job (None when auth is off); only it may read the job.
+    owner: str | None = None
+    # Per-feature data that travels with the job (a backend stores it as one opaque JSON value).
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_token      TEXT,
     lease_expires_at REAL,
     result           TEXT NOT NULL DEFAULT '{}',
-    error            TEXT
+    error            TEXT,
+    owner            TEXT,
+    meta             TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (state, slug, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
@@ -103,8 +105,10 @@ class SqliteJobStore:
         job.created_at = job.created_at or time.time()
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO jobs (id, slug, params, state, created_at) VALUES (?, ?, ?, ?, ?)",
-                (job.id, job.slug, json.dumps(job.params), job.state.value, job.created_at),
+                """INSERT INTO jobs (id, slug, params, state, created_at, owner, meta)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (job.id, job.slug, json.dumps(job.params), job.state.value, job.created_at, job.owner,
+                 json.dumps(job.meta)),
             )
         self._notify()
         return job
@@ -248,4 +252,6 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         lease_expires_at=row["lease_expires_at"],
         result=json.loads(row["result"]),
         error=row["error"],
+        owner=row["owner"],
+        meta=json.loads(row["meta"]),
     )

@@ -1,0 +1,45 @@
+"""`GET /v2/requests/{id}/status`, `GET /v2/requests/{id}` and the media route."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from fluxserve.api.common import failed_response, load_job, result_body, services_of
+from fluxserve.api.errors import not_found
+from fluxserve.contract import JobState
+
+router = APIRouter(tags=["requests"])
+
+
+@router.get("/v2/requests/{job_id}/status")
+async def request_status(request: Request, job_id: str) -> Any:
+    job = await load_job(request, job_id)
+    if job.state is JobState.FAILED:
+        return failed_response(job)
+    body: dict[str, Any] = {"request_id": job.id, "status": job.state.value}
+    if job.state is JobState.QUEUED:
+        body["queue_position"] = await anyio.to_thread.run_sync(services_of(request).store.queue_position, job.id)
+    return body
+
+
+@router.get("/v2/requests/{job_id}")
+async def request_result(request: Request, job_id: str) -> Any:
+    job = await load_job(request, job_id)
+    if job.state is JobState.FAILED:
+        return failed_response(job)
+    return result_body(request, job)
+
+
+@router.get("/v2/media/{key}", response_class=Response)
+async def media(request: Request, key: str) -> Response:
+    job = await load_job(request, key.partition(".")[0])
+    if job.result.get("output_key") != key:
+        raise not_found("Media not found")
+    data = await anyio.to_thread.run_sync(services_of(request).outputs.get, key)
+    if data is None:
+        raise not_found("Media not found")
+    return Response(data, media_type=job.result["media_type"], headers={"Cache-Control": "private, max-age=3600"})
