@@ -8,9 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from fluxserve.accounts.cli import keys_app
 from fluxserve.config import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-hosted FLUX text-to-image API.")
+app.add_typer(keys_app, name="keys")
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -28,14 +30,24 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="Port [env FLUXSERVE_PORT]")] = None,
     model: Annotated[Optional[str], typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Jobs and outputs live here [env FLUXSERVE_DATA_DIR]")] = None,
+    auth: Annotated[Optional[str], typer.Option(help="API keys: required | off | auto [env FLUXSERVE_AUTH]")] = None,
 ) -> None:
     """Start the API (with an embedded worker unless FLUXSERVE_WORKER=false)."""
     import uvicorn
 
+    from fluxserve.accounts.access import Access
     from fluxserve.api import create_app
 
+    if auth not in (None, "required", "off", "auto"):
+        raise typer.BadParameter("--auth must be required, off or auto")
     configure_logging()
-    settings = settings_with(host=host, port=port, model=model, data_dir=data_dir)
+    settings = settings_with(host=host, port=port, model=model, data_dir=data_dir, auth=auth)
+    access = Access.open(settings)
+    refusal = access.refusal()
+    access.close()
+    if refusal:
+        typer.echo(refusal, err=True)
+        raise typer.Exit(2)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 

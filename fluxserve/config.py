@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +44,17 @@ class Settings(BaseSettings):
 
     # Fault injection for tests and drills, e.g. "engine_error_on=<substring of a prompt>". Off by default.
     faults: str = ""
+
+    # Accounts: API keys, credits and rate limits (fluxserve/accounts/).
+    # auto: keys are required once any key exists or the bind is not loopback; off: never (logged).
+    auth: Literal["required", "off", "auto"] = "auto"
+    # Secret for key digests and signed media links; unset: made once into data_dir/auth-secret.
+    auth_secret: str | None = None
+    # Where accounts live (sqlite:///path); unset: the jobs' SQLite file.
+    accounts_store: str | None = None
+    # The price of one image in credits: per image, plus per megapixel per step (0 makes it free).
+    price_per_image: float = Field(1.0, ge=0)
+    price_per_megapixel_step: float = Field(0.0, ge=0)
 
     @property
     def sqlite_path(self) -> Path:

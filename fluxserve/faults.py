@@ -2,11 +2,15 @@
 
 The spec is a comma-separated list of `name=value` pairs:
 - `engine_error_on=TEXT`: the engine raises for any prompt that contains TEXT.
+- `engine_delay_on=TEXT`: the engine sleeps `engine_delay_seconds` (default 5) before such a prompt.
+- `api_error_on=TEXT`: the API fails internally (500) while submitting such a prompt.
+- `load_error=TEXT`: loading the model fails with TEXT (the engine is unavailable: 502).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, fields
 
 
 class InjectedFault(RuntimeError):
@@ -16,17 +20,32 @@ class InjectedFault(RuntimeError):
 @dataclass(frozen=True)
 class Faults:
     engine_error_on: str | None = None
+    engine_delay_on: str | None = None
+    engine_delay_seconds: float = 5.0
+    api_error_on: str | None = None
+    load_error: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
+        types = {field.name: field.type for field in fields(cls)}
         values = {}
         for item in filter(None, (part.strip() for part in spec.split(","))):
             name, _, value = item.partition("=")
-            if name not in cls.__dataclass_fields__:
+            if name not in types:
                 raise ValueError(f"unknown fault {name!r}")
-            values[name] = value
+            values[name] = float(value) if types[name] == "float" else value
         return cls(**values)
 
     def before_generate(self, prompt: str) -> None:
+        if self.engine_delay_on and self.engine_delay_on in prompt:
+            time.sleep(self.engine_delay_seconds)
         if self.engine_error_on and self.engine_error_on in prompt:
             raise InjectedFault("injected engine fault")
+
+    def before_submit(self, prompt: str) -> None:
+        if self.api_error_on and self.api_error_on in prompt:
+            raise InjectedFault("injected API fault")
+
+    def before_load(self) -> None:
+        if self.load_error:
+            raise InjectedFault(self.load_error)

@@ -6,6 +6,8 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from fluxserve.accounts.access import Access
+from fluxserve.accounts.settlement import settle_job, settle_open
 from fluxserve.config import Settings
 from fluxserve.engine import Engine, load_engine
 from fluxserve.faults import Faults
@@ -58,6 +60,7 @@ class Services:
         self.store = open_store(settings)
         self.outputs = open_outputs(settings)
         self.faults = Faults.parse(settings.faults)
+        self.access = Access.open(settings)
         self.engine = EngineSlot()
         self.worker: Worker | None = None
         self._stop = threading.Event()
@@ -67,6 +70,10 @@ class Services:
         if self.demo:
             log.warning("=" * 20 + " DEMO MODE " + "=" * 20)
             log.warning(DEMO_WARNING)
+        refusal = self.access.refusal()
+        if refusal:
+            raise RuntimeError(refusal)
+        self.access.announce()
         self._spawn(self._janitor, "janitor")
         if self.settings.worker:
             self._spawn(self._load_and_work, "engine-loader")
@@ -78,6 +85,7 @@ class Services:
         for thread in self._threads:
             thread.join(timeout=5)
         self.store.close()
+        self.access.close()
 
     def _spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -87,6 +95,7 @@ class Services:
     def _load_and_work(self) -> None:
         # Loading a real model takes a while; the API answers (and queues jobs) meanwhile.
         try:
+            self.faults.before_load()
             engine = load_engine(self.settings)
         except Exception as exc:
             log.exception("model failed to load")
@@ -103,12 +112,25 @@ class Services:
             lease_seconds=self.settings.lease_seconds,
             slugs=[self.settings.slug],
             faults=self.faults,
+            on_finished=self.settle,
         )
         self.worker.start()
 
     def _janitor(self) -> None:
         while not self._stop.wait(self.settings.janitor_interval_seconds):
+            self.settle_open()
             self.purge_expired()
+
+    def settle(self, job_id: str) -> None:
+        """Charge or release a just-finished job's credits (the janitor's sweep catches any miss)."""
+        settle_job(self.access.store, self.store.get(job_id))
+
+    def settle_open(self) -> int:
+        try:
+            return settle_open(self.access.store, self.store)
+        except Exception:
+            log.exception("settling open reservations failed")
+            return 0
 
     def purge_expired(self) -> int:
         try:

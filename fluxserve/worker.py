@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fluxserve.contract import EXTENSIONS, GenerateRequest
@@ -74,6 +75,7 @@ class Worker:
         faults: Faults | None = None,
         idle_poll_seconds: float = 0.2,
         worker_id: str | None = None,
+        on_finished: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.outputs = outputs
@@ -83,6 +85,8 @@ class Worker:
         self.faults = faults or Faults()
         self.idle_poll_seconds = idle_poll_seconds
         self.worker_id = worker_id or new_worker_id()
+        # Called with the job id once the job is COMPLETED or FAILED (credits are settled there).
+        self.on_finished = on_finished
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -128,12 +132,22 @@ class Worker:
                 return  # the lease is gone: another worker owns the job now
             except Exception as exc:
                 log.exception("job %s failed", job.id)
-                self.store.fail(lease, f"Generation failed: {type(exc).__name__}: {exc}")
+                if self.store.fail(lease, f"Generation failed: {type(exc).__name__}: {exc}"):
+                    self._finished(job.id)
                 return
         if not self.store.complete(lease, result):
             log.warning("job %s finished after its lease was lost; result discarded", job.id)
             return
+        self._finished(job.id)
         log.info("job %s completed in %.2fs", job.id, result["metrics"]["inference_time"])
+
+    def _finished(self, job_id: str) -> None:
+        if self.on_finished is None:
+            return
+        try:
+            self.on_finished(job_id)
+        except Exception:  # the janitor's sweep settles it later
+            log.exception("after-finish hook for job %s failed", job_id)
 
     def _generate(self, job: Job, keeper: LeaseKeeper) -> dict[str, Any]:
         request = GenerateRequest.model_validate(job.params)

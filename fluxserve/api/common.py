@@ -9,6 +9,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from fluxserve.api.auth import authenticate, authorize_job, has_media_signature, signed_media_query
 from fluxserve.api.errors import bad_request, not_found
 from fluxserve.contract import GenerateRequest, JobState, RequestError, parse_request
 from fluxserve.jobs import Job
@@ -34,7 +35,7 @@ def job_urls(request: Request, job_id: str) -> dict[str, str]:
 
 
 def media_url(request: Request, job: Job) -> str:
-    return f"{base_url(request)}/v2/media/{job.result['output_key']}"
+    return f"{base_url(request)}/v2/media/{job.result['output_key']}{signed_media_query(request, job.id)}"
 
 
 async def read_generate_request(request: Request) -> GenerateRequest:
@@ -58,10 +59,14 @@ async def read_generate_request(request: Request) -> GenerateRequest:
         raise bad_request(str(exc)) from None
 
 
-async def load_job(request: Request, job_id: str) -> Job:
+async def load_job(request: Request, job_id: str, *, signed_link: bool = False) -> Job:
+    """The job, if the caller may see it (its owner; or anyone holding a signed media link)."""
+    caller = None if signed_link and has_media_signature(request, job_id) else await authenticate(request)
     job = await anyio.to_thread.run_sync(services_of(request).store.get, job_id)
     if job is None:
         raise not_found(f"Request {job_id} not found (unknown or expired)")
+    if caller is not None:
+        authorize_job(caller, job)
     return job
 
 
@@ -81,6 +86,7 @@ def result_body(request: Request, job: Job) -> dict[str, Any]:
         "metrics": {
             **job.result["metrics"],
             "total_time": round((job.finished_at or job.created_at) - job.created_at, 4),
+            "cost": job.meta.get("cost", 0),
         },
         "created_at": job.created_at,
         "completed_at": job.finished_at,

@@ -9,6 +9,8 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from fluxserve.api.admission import admit
+from fluxserve.api.auth import authenticate, authorize_model
 from fluxserve.api.common import failed_response, job_urls, read_generate_request, result_body, services_of
 from fluxserve.api.errors import ApiError, not_found
 from fluxserve.contract import MEDIA_TYPES, GenerateRequest, JobState
@@ -27,11 +29,14 @@ _BODY_DOC = {
 
 async def submit(request: Request) -> Job:
     services = services_of(request)
+    caller = await authenticate(request)
+    authorize_model(caller, services.settings.slug)
     params = await read_generate_request(request)
     if services.engine.state == "failed" and services.settings.worker:
         raise ApiError(502, f"The model is not available: {services.engine.error}")
-    job = Job(id=new_job_id(), slug=services.settings.slug, params=params.with_resolved_seed().model_dump())
-    return await anyio.to_thread.run_sync(services.store.submit, job)
+    job = Job(id=new_job_id(), slug=services.settings.slug, params=params.with_resolved_seed().model_dump(),
+              owner=caller.account_id)
+    return await admit(request, caller, job)
 
 
 def router(slug: str) -> APIRouter:
@@ -47,6 +52,8 @@ def router(slug: str) -> APIRouter:
         done = await anyio.to_thread.run_sync(services.store.wait_terminal, job.id, timeout, limiter=_SYNC_WAITERS)
         if done is None:
             raise not_found(f"Request {job.id} expired before it finished")
+        if done.state.terminal:  # settled before answering, so the balance is final when v1 returns
+            await anyio.to_thread.run_sync(services.settle, done.id)
         if done.state is JobState.FAILED:
             return failed_response(done)
         if done.state is not JobState.COMPLETED:

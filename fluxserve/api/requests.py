@@ -36,7 +36,7 @@ async def request_result(request: Request, job_id: str) -> Any:
 
 @router.get("/v2/media/{key}", response_class=Response)
 async def media(request: Request, key: str) -> Response:
-    job = await load_job(request, key.partition(".")[0])
+    job = await load_job(request, key.partition(".")[0], signed_link=True)
     if job.result.get("output_key") != key:
         raise not_found("Media not found")
     data = await anyio.to_thread.run_sync(services_of(request).outputs.get, key)

@@ -1,0 +1,98 @@
+"""API keys: made here, shown once, stored only as an HMAC-SHA256 digest under a server secret.
+
+A key reads `fsk_<id>_<secret>`. The id is public (it names the key in lists and logs and finds its
+row); the secret part never leaves the caller. Checking a key recomputes the digest and compares it
+in constant time. The same server secret signs media links.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from fluxserve.accounts import Account, AccountStore, ApiKey
+from fluxserve.config import Settings
+
+KEY_PREFIX = "fsk_"
+SECRET_FILE = "auth-secret"
+
+
+class KeyRejected(Exception):
+    """The presented key is unknown, malformed or revoked (the message is safe to show)."""
+
+
+def new_key() -> tuple[str, str]:
+    """(key id, whole key)."""
+    key_id = secrets.token_hex(6)
+    return key_id, f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def key_id_of(key: str) -> str | None:
+    if not key.startswith(KEY_PREFIX):
+        return None
+    key_id, sep, secret = key.removeprefix(KEY_PREFIX).partition("_")
+    return key_id if sep and key_id and secret else None
+
+
+def server_secret(settings: Settings) -> bytes:
+    """`auth_secret` when set; otherwise a random secret made once into the data dir (mode 0600)."""
+    if settings.auth_secret:
+        return settings.auth_secret.encode()
+    path = settings.data_dir / SECRET_FILE
+    if not path.exists():
+        _create_secret_file(path)
+    secret = path.read_bytes().strip()
+    if len(secret) < 32:
+        raise RuntimeError(f"{path} holds no usable secret; delete it only if no key was made with it")
+    return secret
+
+
+def _create_secret_file(path: Path) -> None:
+    # Written aside then linked into place: link fails if another process won the race, and
+    # nobody ever reads a half-written secret.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+class Keyring:
+    def __init__(self, store: AccountStore, secret: bytes) -> None:
+        self.store = store
+        self._secret = secret
+
+    def issue(self, account_id: str) -> tuple[ApiKey, str]:
+        """A new key for the account: its record, and the whole key (to show once, never again)."""
+        key_id, key = new_key()
+        return self.store.add_key(key_id, account_id, self.digest(key)), key
+
+    def authenticate(self, presented: str) -> tuple[Account, ApiKey]:
+        key_id = key_id_of(presented)
+        record = self.store.get_key(key_id) if key_id else None
+        if record is None or not hmac.compare_digest(record.digest.encode(), self.digest(presented).encode()):
+            raise KeyRejected("Invalid API key")
+        if record.revoked_at is not None:
+            raise KeyRejected("This API key has been revoked")
+        account = self.store.get_account(record.account_id)
+        if account is None:
+            raise KeyRejected("Invalid API key")
+        return account, record
+
+    def digest(self, key: str) -> str:
+        return self.sign(f"key:{key}")
+
+    def sign(self, message: str) -> str:
+        return hmac.new(self._secret, message.encode(), hashlib.sha256).hexdigest()
+
+    def verify(self, message: str, signature: str) -> bool:
+        return hmac.compare_digest(self.sign(message).encode(), signature.encode())
