@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from fluxserve.accounts import NotEnoughCredits, TooManyInFlight
 from fluxserve.accounts.access import Access, is_loopback
 from fluxserve.accounts.keys import KeyRejected
 from fluxserve.accounts.money import price, to_credits, to_micros
-from fluxserve.accounts.settlement import settle_open
+from fluxserve.accounts.settlement import settle_job, settle_open
 from fluxserve.accounts.sqlite import SqliteAccountStore
 from fluxserve.config import Settings
 from fluxserve.jobs import Job, new_job_id
@@ -175,6 +176,28 @@ def test_sweep_settles_jobs_the_worker_never_settled(tmp_path):
     final = accounts.get_account(account.id)
     assert (final.balance, final.reserved) == (4 * CREDIT, CREDIT)  # one charged, the queued one held
     assert_ledger_consistent(accounts, account.id)
+    jobs.close()
+    accounts.close()
+
+
+def test_a_retried_job_is_charged_once(tmp_path):
+    """Attempt 1's lease lapses mid-run, attempt 2 completes; the stale worker's transitions fail,
+    and however many settle calls follow (worker, v1 waiter, sweep), one charge is made."""
+    jobs = SqliteJobStore(tmp_path / "jobs.sqlite3", lease_seconds=0.05)
+    accounts = SqliteAccountStore(tmp_path / "jobs.sqlite3")
+    account = new_account(accounts, credits=1)
+    accounts.add_key("k1", account.id, "digest")
+    job_id = new_job_id()
+    accounts.reserve(job_id, account.id, "k1", CREDIT)
+    jobs.submit(Job(id=job_id, slug="m", params={}, owner=account.id))
+    _, stale = jobs.claim("w1")
+    time.sleep(0.1)
+    _, lease = jobs.claim("w2")
+    assert jobs.complete(lease, {"metrics": {}}) and not jobs.complete(stale, {"metrics": {}})
+    assert [settle_job(accounts, jobs.get(job_id)) for _ in range(3)] == [True, False, False]
+    assert settle_open(accounts, jobs) == 0
+    assert (accounts.get_account(account.id).balance, jobs.get(job_id).attempts) == (0, 2)
+    assert [e.kind for e in accounts.ledger(account.id)] == ["credit", "reserve", "charge"]
     jobs.close()
     accounts.close()
 

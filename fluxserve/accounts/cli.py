@@ -36,9 +36,9 @@ def open_access(data_dir: Path | None) -> Access:
 @keys_app.command("create")
 def create(
     name: Annotated[str, typer.Option(help="Account name (an existing account gets an extra key)")],
-    credits: Annotated[Optional[float], typer.Option(help="Opening balance in credits (new account)")] = None,
+    credits: Annotated[Optional[float], typer.Option(min=0, help="Opening balance in credits (new account)")] = None,
     rate: Annotated[Optional[str], typer.Option(help="Generation requests per key: N/min, N/s, N/h; 0 = unlimited")] = None,
-    concurrency: Annotated[Optional[int], typer.Option(help="Jobs in flight per key; 0 = unlimited")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(min=0, help="Jobs in flight per key; 0 = unlimited")] = None,
     models: Annotated[Optional[str], typer.Option(help="Comma-separated model slugs allowed (default: all)")] = None,
     data_dir: DataDir = None,
 ) -> None:
@@ -47,13 +47,16 @@ def create(
     try:
         account = access.store.find_account(name)
         if account is None:
-            account = access.store.create_account(
-                name,
-                credits=to_micros(credits or 0),
-                rate_per_minute=parse_rate(rate) if rate is not None else 60.0,
-                max_in_flight=concurrency if concurrency is not None else 4,
-                models=tuple(filter(None, (slug.strip() for slug in models.split(",")))) if models else None,
-            )
+            try:
+                account = access.store.create_account(
+                    name,
+                    credits=to_micros(credits or 0),
+                    rate_per_minute=parse_rate(rate) if rate is not None else 60.0,
+                    max_in_flight=concurrency if concurrency is not None else 4,
+                    models=tuple(filter(None, (slug.strip() for slug in models.split(",")))) if models else None,
+                )
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc)) from None
             typer.echo(f"Created account {name}: {_describe(account)}")
         elif any(option is not None for option in (credits, rate, concurrency, models)):
             raise typer.BadParameter(

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 def settle_job(accounts: AccountStore, job: Job | None) -> bool:
     """Settle the job if it is terminal; True when this call moved the money."""
-    if job is None or not job.state.terminal:
-        return False
+    if job is None or job.owner is None or not job.state.terminal:
+        return False  # a job without an owner was submitted with auth off: nothing was reserved
     settled = accounts.settle(job.id, charge=job.state is JobState.COMPLETED)
     if settled:
         log.info("job %s settled: %s", job.id, "charged" if job.state is JobState.COMPLETED else "released")

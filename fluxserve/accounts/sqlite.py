@@ -80,6 +80,8 @@ class SqliteAccountStore:
         self, name: str, *, credits: int, rate_per_minute: float, max_in_flight: int,
         models: tuple[str, ...] | None,
     ) -> Account:
+        if credits < 0 or rate_per_minute < 0 or max_in_flight < 0:
+            raise ValueError("credits and limits must not be negative")
         account_id = uuid.uuid4().hex
         try:
             with self.file.transaction() as db:
@@ -214,6 +216,12 @@ class SqliteAccountStore:
     def close(self) -> None:
         self.file.close()
 
+    def __enter__(self) -> SqliteAccountStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _move(
     db: sqlite3.Connection, account_id: str, kind: str, *, amount: int, reserved_change: int,
@@ -236,16 +244,7 @@ def _move(
 
 def _account(row: sqlite3.Row) -> Account:
     models = json.loads(row["models"]) if row["models"] is not None else None
-    return Account(
-        id=row["id"],
-        name=row["name"],
-        balance=row["balance"],
-        reserved=row["reserved"],
-        rate_per_minute=row["rate_per_minute"],
-        max_in_flight=row["max_in_flight"],
-        models=tuple(models) if models is not None else None,
-        created_at=row["created_at"],
-    )
+    return Account(**{**dict(row), "models": tuple(models) if models is not None else None})
 
 
 def _key(row: sqlite3.Row) -> ApiKey:

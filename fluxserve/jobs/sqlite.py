@@ -12,12 +12,12 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from fluxserve.contract import JobState
+from fluxserve.dbfile import SqliteFile
 from fluxserve.jobs import Job, Lease
 
 _SCHEMA = """
@@ -57,42 +57,21 @@ class SqliteJobStore:
         max_attempts: int = 3,
         retention_seconds: float = 3600.0,
     ) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = SqliteFile(path)
+        self.path = self.file.path
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.retention_seconds = retention_seconds
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
         self._changed = threading.Condition()
         self._db().executescript(_SCHEMA)
 
     # -- connections -------------------------------------------------------------------------
 
     def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-            with self._connections_lock:
-                self._connections.append(db)
-        return db
+        return self.file.db()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self.file.transaction()
 
     def _notify(self) -> None:
         with self._changed:
@@ -224,11 +203,7 @@ class SqliteJobStore:
             return False
 
     def close(self) -> None:
-        with self._connections_lock:
-            for db in self._connections:
-                db.close()
-            self._connections.clear()
-        self._local = threading.local()
+        self.file.close()
 
 
 def _slug_clause(slugs: list[str] | None) -> tuple[str, list[str]]:
