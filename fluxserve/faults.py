@@ -27,13 +27,13 @@ class Faults:
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
-        types = {field.name: field.type for field in fields(cls)}
+        defaults = {field.name: field.default for field in fields(cls)}
         values = {}
         for item in filter(None, (part.strip() for part in spec.split(","))):
             name, _, value = item.partition("=")
-            if name not in types:
+            if name not in defaults:
                 raise ValueError(f"unknown fault {name!r}")
-            values[name] = float(value) if types[name] == "float" else value
+            values[name] = float(value) if isinstance(defaults[name], float) else value
         return cls(**values)
 
     def before_generate(self, prompt: str) -> None:
