@@ -6,6 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from fluxserve.cancel import DeadlineWatcher
 from fluxserve.config import Settings
 from fluxserve.engine import Engine, load_engine
 from fluxserve.faults import Faults
@@ -13,6 +14,8 @@ from fluxserve.jobs import JobStore
 from fluxserve.jobs.sqlite import SqliteJobStore
 from fluxserve.outputs import OutputStore
 from fluxserve.outputs.local import LocalOutputStore
+from fluxserve.webhooks.delivery import WebhookSender
+from fluxserve.webhooks.owners import OwnerWebhooks
 from fluxserve.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,9 @@ class Services:
         self.faults = Faults.parse(settings.faults)
         self.engine = EngineSlot()
         self.worker: Worker | None = None
+        self.webhooks = OwnerWebhooks(settings)
+        self.deadlines = DeadlineWatcher(self.store)
+        self.webhook_sender = WebhookSender.from_settings(self.store, self.webhooks, settings)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -68,6 +74,7 @@ class Services:
             log.warning("=" * 20 + " DEMO MODE " + "=" * 20)
             log.warning(DEMO_WARNING)
         self._spawn(self._janitor, "janitor")
+        self.webhook_sender.start()
         if self.settings.worker:
             self._spawn(self._load_and_work, "engine-loader")
 
@@ -75,6 +82,8 @@ class Services:
         self._stop.set()
         if self.worker is not None:
             self.worker.stop()
+        self.webhook_sender.stop()
+        self.deadlines.stop()
         for thread in self._threads:
             thread.join(timeout=5)
         self.store.close()
@@ -103,6 +112,7 @@ class Services:
             lease_seconds=self.settings.lease_seconds,
             slugs=[self.settings.slug],
             faults=self.faults,
+            previews=self.settings.previews,
         )
         self.worker.start()
 

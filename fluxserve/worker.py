@@ -14,12 +14,13 @@ import time
 import uuid
 from typing import Any
 
-from fluxserve.contract import EXTENSIONS, GenerateRequest
+from fluxserve.contract import EXTENSIONS, GenerateRequest, JobState
 from fluxserve.encode import encode_image
 from fluxserve.engine import Engine, GenerationCancelled, GenerationParams
 from fluxserve.faults import Faults
 from fluxserve.jobs import Job, JobStore, Lease
 from fluxserve.outputs import OutputStore
+from fluxserve.progress import ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Worker:
         faults: Faults | None = None,
         idle_poll_seconds: float = 0.2,
         worker_id: str | None = None,
+        previews: bool = True,
     ) -> None:
         self.store = store
         self.outputs = outputs
@@ -83,6 +85,7 @@ class Worker:
         self.faults = faults or Faults()
         self.idle_poll_seconds = idle_poll_seconds
         self.worker_id = worker_id or new_worker_id()
+        self.previews = previews
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -125,13 +128,16 @@ class Worker:
             try:
                 result = self._generate(job, keeper)
             except GenerationCancelled:
-                return  # the lease is gone: another worker owns the job now
+                return  # cancelled, or the lease is gone (another worker owns the job now)
             except Exception as exc:
                 log.exception("job %s failed", job.id)
                 self.store.fail(lease, f"Generation failed: {type(exc).__name__}: {exc}")
                 return
         if not self.store.complete(lease, result):
             log.warning("job %s finished after its lease was lost; result discarded", job.id)
+            current = self.store.get(job.id)
+            if current is not None and current.state is JobState.FAILED:  # cancelled at the last moment
+                self.outputs.delete(result["output_key"])
             return
         log.info("job %s completed in %.2fs", job.id, result["metrics"]["inference_time"])
 
@@ -147,13 +153,18 @@ class Worker:
             scheduler=request.scheduler,
         )
 
+        progress = ProgressReporter(self.store, keeper.lease, job, total=params.steps)
+
         def on_step(step: int, total: int) -> None:
-            if keeper.lost.is_set():
+            if keeper.lost.is_set() or not progress.report(step):
+                log.info("job %s stopped at step %d of %d (cancelled, or its lease was lost)", job.id, step, total)
                 raise GenerationCancelled()
 
+        on_step(0, params.steps)  # a job cancelled (or past its deadline) while queued stops here
         self.faults.before_generate(params.prompt)
         started = time.perf_counter()
-        image = self.engine.generate(params, on_step=on_step)
+        on_preview = progress.preview if self.previews else None
+        image = self.engine.generate(params, on_step=on_step, on_preview=on_preview)
         inference_time = time.perf_counter() - started
 
         started = time.perf_counter()
