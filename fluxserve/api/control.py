@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from fluxserve.api.common import base_url, load_job, services_of
 from fluxserve.api.errors import ApiError, not_found
 from fluxserve.cancel import CANCELLED_BY_CLIENT
 from fluxserve.contract import JobState
+from fluxserve.jobs import Job
 from fluxserve.results import failed_body, job_body, status_body
 
 router = APIRouter(tags=["requests"])
@@ -61,6 +63,9 @@ async def _events(request: Request, job_id: str, preview: bool) -> AsyncIterator
             yield _event("error", {"error": f"Request {job_id} expired"})
             return
         if job.state.terminal:
+            final = _last_progress(job, preview)
+            if final is not None and final != last:
+                yield _event("status", final)  # a fast finish must not hide the last step from the stream
             yield _event(job.state.value.lower(), job_body(base_url(request), job))
             return
         position = await anyio.to_thread.run_sync(store.queue_position, job_id) if job.state is JobState.QUEUED else None
@@ -72,6 +77,13 @@ async def _events(request: Request, job_id: str, preview: bool) -> AsyncIterator
             yield ": keep-alive\n\n"
             last_sent = time.monotonic()
         await anyio.sleep(EVENTS_POLL_SECONDS)
+
+
+def _last_progress(job: Job, preview: bool) -> dict[str, Any] | None:
+    """The status body of a completed job's final progress report, as it read while PROCESSING."""
+    if job.state is not JobState.COMPLETED or not job.progress:
+        return None
+    return status_body(replace(job, state=JobState.PROCESSING), preview=preview)
 
 
 def _event(name: str, data: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -48,7 +48,7 @@ class RetryPolicy:
 def webhook_payload(delivery: Delivery, job: Job, base_url: str) -> dict[str, Any]:
     """The result endpoint's body, as it was when the event happened."""
     if delivery.trigger == "started":
-        return result_body_at(base_url, Job(id=job.id, slug=job.slug, params=job.params, state=JobState.PROCESSING))
+        return result_body_at(base_url, replace(job, state=JobState.PROCESSING))
     return job_body(base_url, job)
 
 
