@@ -37,6 +37,7 @@ async def playground_config(request: Request) -> dict[str, Any]:
     parameters = {name: _field(spec) for name, spec in schema["properties"].items() if name != "base64"}
     parameters["positivePrompt"]["default"] = DEFAULT_PROMPT
     parameters["seed"]["minimum"] = 0  # -1 (a random seed) is offered as its own button
+    parameters["seed"]["maximum_text"] = str(parameters["seed"]["maximum"])  # beyond a JS number's precision
     return {
         "slug": services_of(request).settings.slug,
         "required": schema.get("required", []),

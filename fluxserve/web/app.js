@@ -89,7 +89,7 @@ function applyConfig() {
   $("positivePrompt").maxLength = params.positivePrompt.maxLength || 10000;
   $("positivePrompt").value = params.positivePrompt.default || "";
   $("seed").value = params.seed.default;
-  $("seed-hint").textContent = `0–${params.seed.maximum}, default ${params.seed.default}`;
+  $("seed-hint").textContent = `0–${params.seed.maximum_text}, default ${params.seed.default}`;
   $("outputFormat").replaceChildren(...params.outputFormat.enum.map((value) => new Option(value, value)));
   $("outputFormat").value = params.outputFormat.default;
   const schedulers = config.schedulers.map((s) => {
@@ -118,7 +118,7 @@ function writeSettings(settings) {
 
 function checkSeed() {
   const seed = $("seed");
-  const max = BigInt(config.parameters.seed.maximum);
+  const max = BigInt(config.parameters.seed.maximum_text);
   const ok = /^\d+$/.test(seed.value.trim()) && BigInt(seed.value.trim()) <= max;
   seed.setCustomValidity(ok ? "" : `Seed must be a whole number from 0 to ${max}`);
 }
