@@ -28,7 +28,7 @@ _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.
 
 
 def parse_cancel_after(value: object) -> float:
-    """Seconds from a number or a duration string (`30`, `2.5`, `90s`, `5m`, `1h30m`); ValueError otherwise."""
+    """Seconds from a number or a duration (`30`, `2.5`, `90s`, `5m`, `1h30m`); ValueError otherwise."""
     if isinstance(value, bool):
         raise ValueError("cancel_after must be a number of seconds or a duration such as '90s' or '5m'")
     if isinstance(value, (int, float)):
@@ -89,9 +89,9 @@ class DeadlineWatcher:
         with self._wake:
             heapq.heappush(self._heap, (deadline, job.id, deadline_error(job)))
             self._wake.notify()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
-            self._thread.start()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
+                self._thread.start()
 
     def stop(self) -> None:
         with self._wake:

@@ -64,8 +64,8 @@ def generate(
     scheduler: str = "Euler",
     model: Annotated[Optional[str], typer.Option(help="As for serve; the tiny demo model when unset")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the tiny demo model is kept")] = None,
-    server: Annotated[Optional[str], typer.Option(help="Generate on this fluxserve server (URL) instead")] = None,
-    api_key: Annotated[Optional[str], typer.Option(help="x-api-key for --server", envvar="FLUXSERVE_API_KEY")] = None,
+    server: Annotated[Optional[str], typer.Option(help="Generate on this server (URL) instead")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="for --server", envvar="FLUXSERVE_API_KEY")] = None,
 ) -> None:
     """Generate one image locally with the engine, or on a server with --server URL."""
     from tqdm import tqdm

@@ -138,8 +138,11 @@ class RequestHandle:
         _raise_for_error(response)
         return response.json()
 
-    def events(self, *, preview: bool = False, timeout: float | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-        """The request's Server-Sent Events until it ends: ("status", body)…, then ("completed" | "failed", body)."""
+    def events(
+        self, *, preview: bool = False, timeout: float | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The request's Server-Sent Events until it ends: ("status", body)…, then ("completed" or
+        "failed", body)."""
         read_timeout = EVENTS_READ_TIMEOUT if timeout is None else min(timeout, EVENTS_READ_TIMEOUT)
         with self._client.http.stream(
             "GET",
@@ -159,7 +162,7 @@ class RequestHandle:
         on_progress: ProgressCallback | None = None,
         preview: bool = False,
     ) -> dict[str, Any]:
-        """Block until the request ends; its result body (COMPLETED), or InferenceFailed / InferenceTimeout."""
+        """Block until the request ends: its result body (COMPLETED), or InferenceFailed, InferenceTimeout."""
         started = time.monotonic()
         deadline = started + timeout
         while time.monotonic() < deadline:
@@ -188,8 +191,9 @@ class RequestHandle:
 
 
 class Client:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0
+    ) -> None:
         base = base_url.rstrip("/")
         for suffix in ("/v1", "/v2"):
             base = base.removesuffix(suffix)
@@ -224,8 +228,14 @@ class Client:
         _raise_for_error(response)
         return response
 
-    def submit_async(self, slug: str, *, idempotency_key: str | None = None, cancel_after: float | str | None = None,
-                     **params) -> RequestHandle:
+    def submit_async(
+        self,
+        slug: str,
+        *,
+        idempotency_key: str | None = None,
+        cancel_after: float | str | None = None,
+        **params,
+    ) -> RequestHandle:
         """Queue a request (v2). `webhook` and `webhook_events_filter` go in `params`, as on the wire."""
         headers = {}
         if idempotency_key is not None:

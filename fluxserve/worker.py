@@ -157,7 +157,7 @@ class Worker:
 
         def on_step(step: int, total: int) -> None:
             if keeper.lost.is_set() or not progress.report(step):
-                log.info("job %s stopped at step %d of %d (cancelled, or its lease was lost)", job.id, step, total)
+                log.info("job %s stopped at step %d of %d (cancelled, or lease lost)", job.id, step, total)
                 raise GenerationCancelled()
 
         on_step(0, params.steps)  # a job cancelled (or past its deadline) while queued stops here

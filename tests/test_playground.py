@@ -11,8 +11,15 @@ import pytest
 from conftest import SLUG
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 OUTPUT_ROOT = Path(__file__).resolve().parent.parent / "test-output"
 
 # Records every value the progress bar takes, from the page's side.
@@ -33,7 +40,9 @@ def output_dir(request) -> Path:
 @pytest.fixture(scope="module")
 def browser():
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"Chromium is not installed at {CHROMIUM} (`make test` installs Debian's chromium package)")
+        pytest.skip(
+            f"Chromium is not installed at {CHROMIUM} (`make test` installs Debian's chromium package)"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -71,10 +80,10 @@ def test_generate_from_the_page(browser, server, output_dir):
     page.evaluate(RECORD_PROGRESS)
     page.get_by_label("Prompt").press("Control+Enter")  # the keyboard path
     page.wait_for_function(
-        "() => document.getElementById('image').complete && document.getElementById('image').naturalWidth > 0",
+        "() => document.getElementById('image').naturalWidth > 0",
         timeout=180_000,
     )
-    size = page.evaluate("() => [document.getElementById('image').naturalWidth, document.getElementById('image').naturalHeight]")
+    size = page.locator("#image").evaluate("image => [image.naturalWidth, image.naturalHeight]")
     assert size == [384, 256]
     progress = page.evaluate("() => window.__progress")
     assert progress == sorted(progress) and progress[-1] == 100

@@ -19,7 +19,9 @@ from conftest import SLUG, wait_status
 
 
 def submit(http: httpx.Client, headers=None, **body) -> str:
-    response = http.post(f"/v2/{SLUG}", json={"width": 128, "height": 128, "steps": 2, **body}, headers=headers)
+    response = http.post(
+        f"/v2/{SLUG}", json={"width": 128, "height": 128, "steps": 2, **body}, headers=headers
+    )
     assert response.status_code == 200, response.text
     return response.json()["request_id"]
 
@@ -32,9 +34,9 @@ def read_events(url: str, **params) -> list[tuple[str, dict]]:
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             if line.startswith("event: "):
-                name = line[len("event: "):]
+                name = line[len("event: ") :]
             elif line.startswith("data: "):
-                data.append(line[len("data: "):])
+                data.append(line[len("data: ") :])
             elif not line and data:
                 events.append((name, json.loads("".join(data))))
                 name, data = None, []
@@ -55,7 +57,9 @@ def test_cancel_queued_and_processing_then_the_next_job_runs(http, server):
     queued = submit(http, positivePrompt="cancel me while I wait")
     after = submit(http, positivePrompt="I run after the cancels")
     deadline = time.monotonic() + 120
-    while (status := http.get(f"/v2/requests/{running}/status").json()).get("progress", {}).get("step", 0) < 1:
+    while (status := http.get(f"/v2/requests/{running}/status").json()).get("progress", {}).get(
+        "step", 0
+    ) < 1:
         assert status["status"] in ("QUEUED", "PROCESSING") and time.monotonic() < deadline
         time.sleep(0.05)
     assert http.get(f"/v2/requests/{queued}/status").json()["status"] == "QUEUED"
@@ -63,8 +67,11 @@ def test_cancel_queued_and_processing_then_the_next_job_runs(http, server):
     for request_id in (queued, running):
         response = http.post(f"/v2/requests/{request_id}/cancel")
         assert response.status_code == 200, response.text
-        assert response.json() == {"request_id": request_id, "status": "FAILED",
-                                   "error": "Request cancelled by the client"}
+        assert response.json() == {
+            "request_id": request_id,
+            "status": "FAILED",
+            "error": "Request cancelled by the client",
+        }
         status = http.get(f"/v2/requests/{request_id}/status")
         assert status.status_code == 422 and "cancelled" in status.json()["error"]
     # Cancelling again says the same; cancelling an unknown request is a 404.
@@ -85,14 +92,23 @@ def test_cancel_queued_and_processing_then_the_next_job_runs(http, server):
 
 
 def test_deadline_cancels_automatically(http):
-    by_header = submit(http, positivePrompt="deadline by header", width=512, height=512, steps=100,
-                       headers={"Cancel-After": "1s"})
+    by_header = submit(
+        http,
+        positivePrompt="deadline by header",
+        width=512,
+        height=512,
+        steps=100,
+        headers={"Cancel-After": "1s"},
+    )
     by_field = submit(http, positivePrompt="deadline by field", cancel_after=1)
     for request_id in (by_header, by_field):
         status = wait_status(http, request_id)
         assert status["status"] == "FAILED" and "deadline" in status["error"]
     assert http.post(f"/v2/{SLUG}", json={"positivePrompt": "x", "cancel_after": "soon"}).status_code == 400
-    assert http.post(f"/v2/{SLUG}", json={"positivePrompt": "x"}, headers={"Cancel-After": "0"}).status_code == 400
+    assert (
+        http.post(f"/v2/{SLUG}", json={"positivePrompt": "x"}, headers={"Cancel-After": "0"}).status_code
+        == 400
+    )
 
 
 def test_events_stream_monotonic_progress_to_100_then_the_result(http, server):

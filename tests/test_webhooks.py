@@ -36,15 +36,24 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with receiver.lock:
                     message_id = self.headers.get("webhook-id")
-                    seen = sum(1 for r in receiver.received if r["id"] == message_id and r["path"] == self.path)
+                    seen = sum(
+                        1 for r in receiver.received if r["id"] == message_id and r["path"] == self.path
+                    )
                     if self.path == "/hook":
                         status = 500 if seen < FAILURES_BEFORE_SUCCESS else 200
                     elif self.path == "/redirect":
                         status = 307
                     else:
                         status = 200
-                    receiver.received.append({"path": self.path, "id": message_id, "headers": dict(self.headers),
-                                              "body": body, "answered": status})
+                    receiver.received.append(
+                        {
+                            "path": self.path,
+                            "id": message_id,
+                            "headers": dict(self.headers),
+                            "body": body,
+                            "answered": status,
+                        }
+                    )
                 self.send_response(status)
                 if status == 307:
                     self.send_header("Location", f"http://127.0.0.1:{receiver.port}/target")
@@ -102,6 +111,7 @@ def test_signed_retried_durable_delivery(tmp_path, tiny_model, receiver):
     first = ServerProcess(data, env=env).start()
     try:
         with httpx.Client(base_url=first.url, timeout=30) as http:
+
             def submit(prompt, **extra):
                 body = {"positivePrompt": prompt, "width": 128, "height": 128, "steps": 2, **extra}
                 response = http.post(f"/v2/{SLUG}", json=body)
@@ -110,12 +120,16 @@ def test_signed_retried_durable_delivery(tmp_path, tiny_model, receiver):
 
             completed = submit("webhook on completion", webhook=receiver.url("/hook"))
             failed = submit("webhook on __explode__", webhook=receiver.url("/hook"))
-            started = submit("webhook on start", webhook=receiver.url("/hook"), webhook_events_filter=["start"])
+            started = submit(
+                "webhook on start", webhook=receiver.url("/hook"), webhook_events_filter=["start"]
+            )
             redirected = submit("webhook that redirects", webhook=receiver.url("/redirect"))
             hooked = (completed, failed, started)
             # Two failed attempts of every message are on record; then the server dies (no clean stop).
-            wait_for(lambda: all(len(d["attempts"]) == 2 for job in hooked for d in deliveries(http, job)),
-                     what="two recorded attempts per message")
+            wait_for(
+                lambda: all(len(d["attempts"]) == 2 for job in hooked for d in deliveries(http, job)),
+                what="two recorded attempts per message",
+            )
             assert wait_status(http, completed)["status"] == "COMPLETED"
             redirect_attempts = deliveries(http, redirected)[0]["attempts"]
     finally:
@@ -125,8 +139,10 @@ def test_signed_retried_durable_delivery(tmp_path, tiny_model, receiver):
     second = ServerProcess(data, env=env).start()
     try:
         with httpx.Client(base_url=second.url, timeout=30) as http:
-            wait_for(lambda: all(deliveries(http, job)[0]["state"] == "delivered" for job in hooked),
-                     what="delivery after the restart")
+            wait_for(
+                lambda: all(deliveries(http, job)[0]["state"] == "delivered" for job in hooked),
+                what="delivery after the restart",
+            )
             results = {job: http.get(f"/v2/requests/{job}").json() for job in hooked}
     finally:
         second.stop()
@@ -152,7 +168,10 @@ def test_signed_retried_durable_delivery(tmp_path, tiny_model, receiver):
     payload = by_job[completed][-1]["payload"]
     assert httpx.URL(payload["output"]).path == httpx.URL(result_without_report["output"]).path
     assert {**payload, "output": None} == {**result_without_report, "output": None}
-    assert by_job[failed][-1]["payload"]["status"] == "FAILED" and "injected" in by_job[failed][-1]["payload"]["error"]
+    assert (
+        by_job[failed][-1]["payload"]["status"] == "FAILED"
+        and "injected" in by_job[failed][-1]["payload"]["error"]
+    )
     assert by_job[started][-1]["payload"]["status"] == "PROCESSING"
     assert results[started]["webhook"]["deliveries"][0]["event"] == "start"
     # A tampered body does not verify.

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from fluxserve.api.errors import bad_request, not_found
-from fluxserve.contract import GenerateRequest, JobState, RequestError, parse_request
+from fluxserve.contract import GenerateRequest, RequestError, parse_request
 from fluxserve.jobs import Job
 from fluxserve.results import failed_body, media_url_at, result_body_at
 from fluxserve.services import Services

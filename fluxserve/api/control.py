@@ -39,8 +39,11 @@ async def cancel_request(request: Request, job_id: str) -> dict[str, Any]:
     raise ApiError(409, f"Request {job_id} already ended ({job.state.value}); there is nothing to cancel")
 
 
-@router.get("/v2/requests/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
+@router.get(
+    "/v2/requests/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
 async def request_events(request: Request, job_id: str, preview: bool = False) -> StreamingResponse:
     """Server-Sent Events: a `status` event whenever the status body changes (with `queue_position`
     or `progress`; `?preview=true` adds a small JPEG data URL of the current latent), then one
@@ -68,7 +71,11 @@ async def _events(request: Request, job_id: str, preview: bool) -> AsyncIterator
                 yield _event("status", final)  # a fast finish must not hide the last step from the stream
             yield _event(job.state.value.lower(), job_body(base_url(request), job))
             return
-        position = await anyio.to_thread.run_sync(store.queue_position, job_id) if job.state is JobState.QUEUED else None
+        position = (
+            await anyio.to_thread.run_sync(store.queue_position, job_id)
+            if job.state is JobState.QUEUED
+            else None
+        )
         body = status_body(job, position, preview=preview)
         if body != last:
             yield _event("status", body)

@@ -43,7 +43,11 @@ async def playground_config(request: Request) -> dict[str, Any]:
         "required": schema.get("required", []),
         "parameters": parameters,
         "schedulers": [
-            {"name": name, "available": SCHEDULERS[name].available, "description": SCHEDULERS[name].description}
+            {
+                "name": name,
+                "available": SCHEDULERS[name].available,
+                "description": SCHEDULERS[name].description,
+            }
             for name in SCHEDULER_NAMES
         ],
     }
@@ -52,8 +56,15 @@ async def playground_config(request: Request) -> dict[str, Any]:
 def _field(spec: dict[str, Any]) -> dict[str, Any]:
     """One parameter's JSON schema, flattened to what a form needs (pydantic nests unions in anyOf)."""
     field: dict[str, Any] = {"type": "number" if "anyOf" in spec else spec.get("type", "string")}
-    for source, target in (("minimum", "minimum"), ("ge", "minimum"), ("maximum", "maximum"), ("le", "maximum"),
-                           ("default", "default"), ("enum", "enum"), ("maxLength", "maxLength")):
+    for source, target in (
+        ("minimum", "minimum"),
+        ("ge", "minimum"),
+        ("maximum", "maximum"),
+        ("le", "maximum"),
+        ("default", "default"),
+        ("enum", "enum"),
+        ("maxLength", "maxLength"),
+    ):
         if source in spec:
             field[target] = spec[source]
     return field

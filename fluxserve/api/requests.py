@@ -43,7 +43,8 @@ async def webhook_section(request: Request, job: Job) -> dict[str, Any]:
     if "webhook" not in job.meta:
         return {}
     deliveries = await anyio.to_thread.run_sync(services_of(request).store.deliveries, job.id)
-    return {"webhook": {"url": job.meta["webhook"]["url"], "deliveries": [delivery_view(d) for d in deliveries]}}
+    views = [delivery_view(delivery) for delivery in deliveries]
+    return {"webhook": {"url": job.meta["webhook"]["url"], "deliveries": views}}
 
 
 @router.get("/v2/media/{key}", response_class=Response)

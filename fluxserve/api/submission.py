@@ -31,7 +31,11 @@ from fluxserve.webhooks.targets import WebhookTargetError, check_url
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 SUBMIT_OPTION_SCHEMA: dict[str, Any] = {
-    "webhook": {"type": "string", "format": "uri", "description": "POST the result here when the request ends"},
+    "webhook": {
+        "type": "string",
+        "format": "uri",
+        "description": "POST the result here when the request ends",
+    },
     "webhook_events_filter": {
         "type": "array",
         "items": {"enum": list(EVENT_TRIGGERS)},
@@ -43,10 +47,20 @@ SUBMIT_OPTION_SCHEMA: dict[str, Any] = {
     },
 }
 SUBMIT_HEADERS_DOC = [
-    {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"},
-     "description": "Retry-safe submit: the same key and body give the same request_id"},
-    {"name": "Cancel-After", "in": "header", "required": False, "schema": {"type": "string"},
-     "description": "Deadline: seconds, or a duration such as '90s' or '5m'"},
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Retry-safe submit: the same key and body give the same request_id",
+    },
+    {
+        "name": "Cancel-After",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Deadline: seconds, or a duration such as '90s' or '5m'",
+    },
 ]
 
 
@@ -79,7 +93,9 @@ def take_submit_options(request: Request, payload: object) -> SubmitOptions:
     events = payload.pop("webhook_events_filter", None)
     if events is not None:
         if not isinstance(events, list) or not events or any(event not in EVENT_TRIGGERS for event in events):
-            raise bad_request("webhook_events_filter: must be a non-empty list of " + ", ".join(map(repr, EVENT_TRIGGERS)))
+            raise bad_request(
+                "webhook_events_filter: must be a non-empty list of " + ", ".join(map(repr, EVENT_TRIGGERS))
+            )
         options.events = events
     cancel_after = payload.pop("cancel_after", None)
     if cancel_header is not None:
@@ -93,7 +109,9 @@ def take_submit_options(request: Request, payload: object) -> SubmitOptions:
 
 
 def _fingerprint(payload: object, cancel_header: str | None) -> str:
-    canonical = json.dumps({"body": payload, "cancel_after": cancel_header}, sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        {"body": payload, "cancel_after": cancel_header}, sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -110,11 +128,13 @@ async def store_job(request: Request, job: Job, options: SubmitOptions) -> Job:
     (an earlier one, when the idempotency key was seen before)."""
     services = services_of(request)
     settings = services.settings
-    webhook = options.webhook or services.webhooks.for_owner(job.owner).default_url
+    webhook = options.webhook or services.webhooks.default_url(job.owner)
     deliveries = []
     if webhook:
         try:
-            await anyio.to_thread.run_sync(lambda: check_url(webhook, allow_private=settings.webhook_allow_private))
+            await anyio.to_thread.run_sync(
+                lambda: check_url(webhook, allow_private=settings.webhook_allow_private)
+            )
         except WebhookTargetError as exc:
             raise bad_request(f"webhook: {exc}") from None
         job.meta["webhook"] = {"url": webhook, "base_url": base_url(request)}
@@ -123,7 +143,9 @@ async def store_job(request: Request, job: Job, options: SubmitOptions) -> Job:
         job.created_at = job.created_at or time.time()
         job.meta.update(deadline_meta(job.created_at, options.cancel_after))
     idempotency = (
-        IdempotencyKey(options.idempotency_key, options.fingerprint, job.owner) if options.idempotency_key else None
+        IdempotencyKey(options.idempotency_key, options.fingerprint, job.owner)
+        if options.idempotency_key
+        else None
     )
     try:
         stored = await anyio.to_thread.run_sync(

@@ -144,7 +144,7 @@ class JobStore(Protocol):
 
     def claim_delivery(self, worker_id: str) -> tuple[Delivery, Lease] | None:
         """Lease the due pending delivery (trigger holds, `next_attempt_at` passed, no live lease) that is
-        due first; the lease lasts as long as a job's."""
+        due first; the lease lasts as long as a job's, and its `job_id` field names the delivery."""
 
     def record_attempt(
         self, lease: Lease, attempt: dict[str, Any], state: DeliveryState, next_attempt_at: float = 0.0

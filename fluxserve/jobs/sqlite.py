@@ -142,7 +142,8 @@ class SqliteJobStore:
                 if holder is not None:
                     return holder
             db.execute(
-                """INSERT INTO jobs (id, slug, params, state, created_at, owner, meta, idem_key, idem_fingerprint)
+                """INSERT INTO jobs (id, slug, params, state, created_at, owner, meta,
+                                     idem_key, idem_fingerprint)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (job.id, job.slug, json.dumps(job.params), job.state.value, job.created_at, job.owner,
                  json.dumps(job.meta), idem_key, idempotency.fingerprint if idempotency else None),
@@ -289,7 +290,9 @@ class SqliteJobStore:
         now = time.time()
         with self._transaction() as db:
             rows = db.execute("SELECT * FROM jobs WHERE expires_at <= ?", (now,)).fetchall()
-            db.execute("DELETE FROM deliveries WHERE job_id IN (SELECT id FROM jobs WHERE expires_at <= ?)", (now,))
+            db.execute(
+                "DELETE FROM deliveries WHERE job_id IN (SELECT id FROM jobs WHERE expires_at <= ?)", (now,)
+            )
             db.execute("DELETE FROM jobs WHERE expires_at <= ?", (now,))
         return [_job_from_row(row) for row in rows]
 
@@ -334,7 +337,9 @@ class SqliteJobStore:
         return True
 
     def deliveries(self, job_id: str) -> list[Delivery]:
-        rows = self._db().execute("SELECT * FROM deliveries WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
+        rows = self._db().execute(
+            "SELECT * FROM deliveries WHERE job_id = ? ORDER BY seq", (job_id,)
+        ).fetchall()
         return [_delivery_from_row(row) for row in rows]
 
     def ping(self) -> bool:

@@ -81,8 +81,11 @@ class WebhookSender:
         return cls(
             store,
             owners,
-            policy=RetryPolicy(settings.webhook_backoff_seconds, settings.webhook_max_backoff_seconds,
-                               settings.webhook_max_age_seconds),
+            policy=RetryPolicy(
+                settings.webhook_backoff_seconds,
+                settings.webhook_max_backoff_seconds,
+                settings.webhook_max_age_seconds,
+            ),
             allow_private=settings.webhook_allow_private,
             timeout=settings.webhook_timeout_seconds,
             senders=settings.webhook_senders,
@@ -118,13 +121,15 @@ class WebhookSender:
         job = self.store.get(delivery.job_id)
         now = time.time()
         if job is None:
-            self.store.record_attempt(lease, {"at": now, "error": "the request expired before delivery"}, "failed")
+            self.store.record_attempt(
+                lease, {"at": now, "error": "the request expired before delivery"}, "failed"
+            )
             return
         base_url = job.meta.get("webhook", {}).get("base_url") or self.default_base_url
         body = json.dumps(webhook_payload(delivery, job, base_url)).encode()
         headers = {
             "Content-Type": "application/json",
-            **signed_headers(self.owners.for_owner(job.owner).secret, delivery.id, body),
+            **signed_headers(self.owners.secret(job.owner), delivery.id, body),
         }
         attempt = self._post(delivery.url, body, headers)
         attempts = [*delivery.attempts, attempt]

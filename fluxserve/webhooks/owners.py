@@ -1,8 +1,7 @@
 """Per-owner webhook settings: the signing secret and the default URL for a job's owner.
 
 This is the seam to accounts: today every owner gets the operator's settings (`webhook_secret`,
-`webhook_default_url`); an accounts backend replaces `OwnerWebhooks.for_owner` to return a secret
-and a default URL per API key. With no secret configured, one is generated on first use and kept in
+`webhook_default_url`); an accounts backend overrides `secret` and `default_url` to answer per API key. With no secret configured, one is generated on first use and kept in
 `data_dir/webhook-secret` (readable by the operator only), so signatures survive restarts.
 """
 
@@ -11,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from fluxserve.config import Settings
@@ -22,12 +20,6 @@ log = logging.getLogger(__name__)
 SECRET_FILE = "webhook-secret"
 
 
-@dataclass(frozen=True)
-class OwnerWebhook:
-    secret: str
-    default_url: str | None = None
-
-
 class OwnerWebhooks:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -36,10 +28,12 @@ class OwnerWebhooks:
         if self._secret is not None:
             secret_bytes(self._secret)  # fail at start-up, not at the first delivery
 
-    def for_owner(self, owner: str | None) -> OwnerWebhook:
-        return OwnerWebhook(secret=self._operator_secret(), default_url=self.settings.webhook_default_url)
+    def default_url(self, owner: str | None) -> str | None:
+        """Where the owner's requests that name no webhook are reported (None: nowhere)."""
+        return self.settings.webhook_default_url
 
-    def _operator_secret(self) -> str:
+    def secret(self, owner: str | None) -> str:
+        """The `whsec_…` secret that signs webhooks for the owner's requests."""
         with self._lock:
             if self._secret is None:
                 self._secret = _load_or_create_secret(self.settings.data_dir / SECRET_FILE)

@@ -81,8 +81,14 @@ def refusal_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | N
 class _GuardedBackend(httpcore.SyncBackend):
     """Connects only to addresses that passed the check (the check and the connect use one lookup)."""
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: typing.Iterable[typing.Any] | None = None) -> httpcore.NetworkStream:
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: typing.Iterable[typing.Any] | None = None,
+    ) -> httpcore.NetworkStream:
         try:
             addresses = resolve_permitted(host, port)
         except WebhookTargetError as exc:
@@ -104,5 +110,10 @@ def webhook_client(*, allow_private: bool, timeout: float) -> httpx.Client:
         transport._pool = httpcore.ConnectionPool(
             ssl_context=httpx.create_ssl_context(trust_env=False), network_backend=_GuardedBackend()
         )
-    return httpx.Client(transport=transport, follow_redirects=False, trust_env=False, timeout=timeout,
-                        headers={"User-Agent": "fluxserve-webhooks"})
+    return httpx.Client(
+        transport=transport,
+        follow_redirects=False,
+        trust_env=False,
+        timeout=timeout,
+        headers={"User-Agent": "fluxserve-webhooks"},
+    )
