@@ -157,6 +157,6 @@ async def store_job(request: Request, job: Job, options: SubmitOptions) -> Job:
             f"Idempotency-Key {options.idempotency_key!r} was already used with a different request "
             f"(request {exc.job_id}); use a new key for a new request",
         ) from None
-    if stored.id == job.id:
+    if stored.id == job.id:  # a new job, not an idempotent replay (the place to charge it, once)
         services.deadlines.watch(stored)
     return stored

@@ -39,7 +39,8 @@ class Job:
     owner: str | None = None
     # Per-feature data that travels with the job (a backend stores it as one opaque JSON value).
     meta: dict[str, Any] = field(default_factory=dict)
-    # The worker's latest report while PROCESSING (step, total, percent, eta_seconds, preview); opaque JSON.
+    # The worker's latest report (step, total, percent, eta_seconds, preview), opaque JSON; cleared
+    # when a worker claims the job, kept after it ends.
     progress: dict[str, Any] | None = None
 
 
