@@ -76,8 +76,10 @@ def generate(
     scheduler: str = "Euler",
     model: Annotated[Optional[str], typer.Option(help="As for serve; the tiny demo model when unset")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the tiny demo model is kept")] = None,
+    server: Annotated[Optional[str], typer.Option(help="Generate on this server (URL) instead")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="for --server", envvar="FLUXSERVE_API_KEY")] = None,
 ) -> None:
-    """Generate one image locally with the engine (no server)."""
+    """Generate one image locally with the engine, or on a server with --server URL."""
     from tqdm import tqdm
 
     from fluxserve.contract import RequestError, parse_request
@@ -93,6 +95,13 @@ def generate(
         ).with_resolved_seed()
     except RequestError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if server:
+        from fluxserve.remote import generate_remote
+
+        data = generate_remote(server, api_key, request)
+        output.write_bytes(data)
+        typer.echo(f"wrote {output} ({request.width}x{request.height}, seed {request.seed}) from {server}")
+        return
     settings = settings_with(model=model, data_dir=data_dir)
     engine = load_engine(settings)
     params = GenerationParams(request.positivePrompt, request.width, request.height, request.steps,

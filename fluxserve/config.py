@@ -42,6 +42,20 @@ class Settings(BaseSettings):
     # Run a worker inside the API process (the embedded default).
     worker: bool = True
 
+    # Webhooks, cancel deadlines and progress previews.
+    # The Standard Webhooks signing secret (whsec_…); unset: generated once into data_dir/webhook-secret.
+    webhook_secret: str | None = None
+    webhook_default_url: str | None = None  # for requests that name no webhook
+    # Allow loopback/private/link-local webhook targets (off: such targets are refused, against SSRF).
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+    webhook_backoff_seconds: float = Field(1.0, gt=0)  # first retry delay, doubled after each failure
+    webhook_max_backoff_seconds: float = Field(120.0, gt=0)
+    webhook_max_age_seconds: float = Field(900.0, gt=0)  # stop retrying this long after the first attempt
+    webhook_senders: int = Field(4, ge=1)
+    webhook_poll_seconds: float = Field(0.5, gt=0)
+    previews: bool = True  # low-resolution latent previews in progress reports
+
     # Fault injection for tests and drills, e.g. "engine_error_on=<substring of a prompt>". Off by default.
     faults: str = ""
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from fluxserve.accounts.access import Access
 from fluxserve.accounts.settlement import settle_job, settle_open
+from fluxserve.cancel import DeadlineWatcher
 from fluxserve.config import Settings
 from fluxserve.engine import Engine, load_engine
 from fluxserve.faults import Faults
@@ -15,6 +16,8 @@ from fluxserve.jobs import JobStore
 from fluxserve.jobs.sqlite import SqliteJobStore
 from fluxserve.outputs import OutputStore
 from fluxserve.outputs.local import LocalOutputStore
+from fluxserve.webhooks.delivery import WebhookSender
+from fluxserve.webhooks.owners import OwnerWebhooks
 from fluxserve.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,9 @@ class Services:
         self.access = Access.open(settings)
         self.engine = EngineSlot()
         self.worker: Worker | None = None
+        self.webhooks = OwnerWebhooks(settings)
+        self.deadlines = DeadlineWatcher(self.store)
+        self.webhook_sender = WebhookSender.from_settings(self.store, self.webhooks, settings)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -75,6 +81,7 @@ class Services:
             raise RuntimeError(refusal)
         self.access.announce()
         self._spawn(self._janitor, "janitor")
+        self.webhook_sender.start()
         if self.settings.worker:
             self._spawn(self._load_and_work, "engine-loader")
 
@@ -82,6 +89,8 @@ class Services:
         self._stop.set()
         if self.worker is not None:
             self.worker.stop()
+        self.webhook_sender.stop()
+        self.deadlines.stop()
         for thread in self._threads:
             thread.join(timeout=5)
         self.store.close()
@@ -113,6 +122,7 @@ class Services:
             slugs=[self.settings.slug],
             faults=self.faults,
             on_finished=self.settle,
+            previews=self.settings.previews,
         )
         self.worker.start()
 

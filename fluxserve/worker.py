@@ -15,12 +15,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from fluxserve.contract import EXTENSIONS, GenerateRequest
+from fluxserve.contract import EXTENSIONS, GenerateRequest, JobState
 from fluxserve.encode import encode_image
 from fluxserve.engine import Engine, GenerationCancelled, GenerationParams
 from fluxserve.faults import Faults
 from fluxserve.jobs import Job, JobStore, Lease
 from fluxserve.outputs import OutputStore
+from fluxserve.progress import ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Worker:
         idle_poll_seconds: float = 0.2,
         worker_id: str | None = None,
         on_finished: Callable[[str], None] | None = None,
+        previews: bool = True,
     ) -> None:
         self.store = store
         self.outputs = outputs
@@ -87,6 +89,7 @@ class Worker:
         self.worker_id = worker_id or new_worker_id()
         # Called with the job id once the job is COMPLETED or FAILED (credits are settled there).
         self.on_finished = on_finished
+        self.previews = previews
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -129,7 +132,7 @@ class Worker:
             try:
                 result = self._generate(job, keeper)
             except GenerationCancelled:
-                return  # the lease is gone: another worker owns the job now
+                return  # cancelled, or the lease is gone (another worker owns the job now)
             except Exception as exc:
                 log.exception("job %s failed", job.id)
                 if self.store.fail(lease, f"Generation failed: {type(exc).__name__}: {exc}"):
@@ -137,6 +140,9 @@ class Worker:
                 return
         if not self.store.complete(lease, result):
             log.warning("job %s finished after its lease was lost; result discarded", job.id)
+            current = self.store.get(job.id)
+            if current is not None and current.state is JobState.FAILED:  # cancelled at the last moment
+                self.outputs.delete(result["output_key"])
             return
         self._finished(job.id)
         log.info("job %s completed in %.2fs", job.id, result["metrics"]["inference_time"])
@@ -161,13 +167,18 @@ class Worker:
             scheduler=request.scheduler,
         )
 
+        progress = ProgressReporter(self.store, keeper.lease, job, total=params.steps)
+
         def on_step(step: int, total: int) -> None:
-            if keeper.lost.is_set():
+            if keeper.lost.is_set() or not progress.report(step):
+                log.info("job %s stopped at step %d of %d (cancelled, or lease lost)", job.id, step, total)
                 raise GenerationCancelled()
 
+        on_step(0, params.steps)  # a job cancelled (or past its deadline) while queued stops here
         self.faults.before_generate(params.prompt)
         started = time.perf_counter()
-        image = self.engine.generate(params, on_step=on_step)
+        on_preview = progress.preview if self.previews else None
+        image = self.engine.generate(params, on_step=on_step, on_preview=on_preview)
         inference_time = time.perf_counter() - started
 
         started = time.perf_counter()

@@ -58,6 +58,7 @@ def keys(data_dir) -> dict[str, str]:
         "one-at-a-time": make_key(data_dir, "one-at-a-time", in_flight=1),
         "revoked": make_key(data_dir, "revoked"),
         "burst": make_key(data_dir, "burst", credits=50),
+        "retrier": make_key(data_dir, "retrier", credits=10),
     }
     with SqliteAccountStore(data_dir / "jobs.sqlite3") as store:
         store.revoke_key(keys["revoked"].split("_")[1])
@@ -269,6 +270,42 @@ def test_200_concurrent_submits_with_credits_for_50(srv, keys):
     for entry in ledger:
         balance += entry.amount
         assert entry.balance_after == balance and entry.balance_after >= 0
+
+
+def test_idempotent_concurrent_submits_make_one_job_and_one_charge(srv, keys):
+    key = keys["retrier"]
+    before = account_of(srv, key)["balance"]
+
+    async def retries() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60, headers={"x-api-key": key}) as http:
+            return await asyncio.gather(*(
+                http.post(f"/v2/{SLUG}", json={**TINY, "seed": 99}, headers={"Idempotency-Key": "order-17"})
+                for _ in range(6)
+            ))
+
+    responses = asyncio.run(retries())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    ids = {r.json()["request_id"] for r in responses}
+    assert len(ids) == 1
+    (request_id,) = ids
+    assert wait_status(client_for(srv, key), request_id)["status"] == "COMPLETED"
+    after = wait_settled(srv, key)
+    assert after["balance"] == before - 1 and after["reserved"] == 0
+    with SqliteAccountStore(srv.data_dir / "jobs.sqlite3") as store:
+        account_id = store.find_account("retrier").id
+        charges = [e for e in store.ledger(account_id) if e.kind == "charge"]
+    assert [e.job_id for e in charges] == [request_id]
+
+
+def test_cancelled_jobs_are_not_charged(srv, keys):
+    key = keys["retrier"]
+    http = client_for(srv, key)
+    before = wait_settled(srv, key)["balance"]
+    request_id = http.post(f"/v2/{SLUG}", json={**TINY, "positivePrompt": "__slow__ cancel me"}).json()["request_id"]
+    cancelled = http.post(f"/v2/requests/{request_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "FAILED"
+    after = wait_settled(srv, key)
+    assert after["balance"] == before and after["reserved"] == 0
 
 
 def test_keys_are_never_in_clear_in_the_database_or_the_log(srv, data_dir):

@@ -8,7 +8,15 @@ import time
 import pytest
 
 from fluxserve.contract import JobState
-from fluxserve.jobs import Job, new_job_id
+from fluxserve.jobs import (
+    Delivery,
+    IdempotencyConflict,
+    IdempotencyKey,
+    Job,
+    Lease,
+    new_delivery_id,
+    new_job_id,
+)
 from fluxserve.jobs.sqlite import SqliteJobStore
 
 LEASE = 0.6
@@ -187,3 +195,174 @@ def test_wait_terminal_wakes_on_completion(store):
 
 def test_ping(store):
     assert store.ping()
+
+
+# -- progress and cancel ------------------------------------------------------------------------
+
+
+def test_progress_is_written_only_under_the_lease(store):
+    job = submit(store)
+    assert store.get(job.id).progress is None
+    _, lease = store.claim("w1")
+    assert store.report_progress(lease, {"step": 1, "total": 4})
+    assert store.get(job.id).progress == {"step": 1, "total": 4}
+    assert not store.report_progress(Lease(job.id, "someone-else"), {"step": 9, "total": 4})
+    assert store.get(job.id).progress == {"step": 1, "total": 4}
+    store.complete(lease, {})
+    assert not store.report_progress(lease, {"step": 2, "total": 4})
+
+
+def test_reclaimed_job_starts_with_no_progress(store):
+    job = submit(store)
+    _, lease = store.claim("w1")
+    store.report_progress(lease, {"step": 3, "total": 4})
+    time.sleep(LEASE + 0.1)
+    store.claim("w2")
+    assert store.get(job.id).progress is None
+
+
+def test_cancel_queued_job_never_runs(store):
+    job = submit(store)
+    cancelled = store.cancel(job.id, "cancelled by the client")
+    assert cancelled.state is JobState.FAILED and cancelled.error == "cancelled by the client"
+    assert cancelled.expires_at > cancelled.finished_at
+    assert store.claim("w") is None
+    assert store.queue_position(job.id) is None
+
+
+def test_cancel_processing_job_revokes_the_lease(store):
+    job = submit(store)
+    _, lease = store.claim("w")
+    assert store.cancel(job.id, "cancelled").state is JobState.FAILED
+    # The worker learns it at its next step, and cannot finish the job any more.
+    assert not store.report_progress(lease, {"step": 2, "total": 4})
+    assert not store.heartbeat(lease)
+    assert not store.complete(lease, {"output_key": "late"})
+    assert store.get(job.id).error == "cancelled"
+
+
+def test_cancel_leaves_terminal_jobs_alone(store):
+    job = submit(store)
+    _, lease = store.claim("w")
+    store.complete(lease, {"output_key": "k"})
+    after = store.cancel(job.id, "too late")
+    assert after.state is JobState.COMPLETED and after.error is None
+    assert store.cancel(new_job_id(), "x") is None
+
+
+# -- idempotency keys ---------------------------------------------------------------------------
+
+
+def test_idempotent_submit_returns_the_first_job(store):
+    key = IdempotencyKey("key-1", "fingerprint-a")
+    first = store.submit(Job(id=new_job_id(), slug="m", params={"n": 1}), idempotency=key)
+    again = store.submit(Job(id=new_job_id(), slug="m", params={"n": 1}), idempotency=key)
+    assert again.id == first.id
+    assert store.claim("w")[0].id == first.id and store.claim("w") is None  # one job only
+    with pytest.raises(IdempotencyConflict) as conflict:
+        store.submit(Job(id=new_job_id(), slug="m", params={"n": 2}), idempotency=IdempotencyKey("key-1", "other"))
+    assert conflict.value.job_id == first.id
+
+
+def test_idempotency_keys_are_scoped_to_the_owner(store):
+    mine = store.submit(Job(id=new_job_id(), slug="m", params={}), idempotency=IdempotencyKey("k", "f", "acct-1"))
+    theirs = store.submit(Job(id=new_job_id(), slug="m", params={}), idempotency=IdempotencyKey("k", "f", "acct-2"))
+    assert mine.id != theirs.id
+
+
+def test_idempotency_key_expires_with_its_job(make_store):
+    store = make_store(retention_seconds=0.3)
+    key = IdempotencyKey("k", "f")
+    first = store.submit(Job(id=new_job_id(), slug="m", params={}), idempotency=key)
+    _, lease = store.claim("w")
+    store.complete(lease, {})
+    time.sleep(0.4)
+    second = store.submit(Job(id=new_job_id(), slug="m", params={}), idempotency=IdempotencyKey("k", "other"))
+    assert second.id != first.id and store.get(second.id).state is JobState.QUEUED
+
+
+def test_concurrent_idempotent_submits_create_one_job(make_store):
+    stores = [make_store() for _ in range(4)]
+    ids: list[str] = []
+    barrier = threading.Barrier(len(stores))
+
+    def go(handle):
+        barrier.wait()
+        ids.append(handle.submit(Job(id=new_job_id(), slug="m", params={}), idempotency=IdempotencyKey("k", "f")).id)
+
+    threads = [threading.Thread(target=go, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(ids)) == 1
+    assert stores[0].claim("w") is not None and stores[0].claim("w") is None
+
+
+# -- the webhook outbox -------------------------------------------------------------------------
+
+
+def submit_with_delivery(store, trigger="finished") -> tuple[Job, Delivery]:
+    job = Job(id=new_job_id(), slug="m", params={})
+    delivery = Delivery(id=new_delivery_id(), job_id=job.id, url="https://example.invalid/hook", trigger=trigger)
+    store.submit(job, deliveries=[delivery])
+    return job, delivery
+
+
+def test_finished_delivery_is_due_once_the_job_ends(store):
+    job, delivery = submit_with_delivery(store)
+    assert store.claim_delivery("d") is None  # QUEUED: not yet
+    _, lease = store.claim("w")
+    assert store.claim_delivery("d") is None  # PROCESSING: not yet
+    store.fail(lease, "boom")
+    claimed, dlease = store.claim_delivery("d")
+    assert (claimed.id, claimed.job_id, claimed.url, claimed.state) == (delivery.id, job.id, delivery.url, "pending")
+    assert store.claim_delivery("d2") is None  # leased
+
+
+def test_started_delivery_is_due_once_claimed(store):
+    job, _ = submit_with_delivery(store, trigger="started")
+    assert store.claim_delivery("d") is None
+    store.claim("w")
+    assert store.claim_delivery("d")[0].job_id == job.id
+
+
+def test_cancelled_job_triggers_its_delivery(store):
+    job, _ = submit_with_delivery(store)
+    store.cancel(job.id, "cancelled")
+    assert store.claim_delivery("d")[0].job_id == job.id
+
+
+def test_attempts_are_recorded_and_retries_wait(store):
+    job, _ = submit_with_delivery(store)
+    store.cancel(job.id, "cancelled")
+    _, lease = store.claim_delivery("d")
+    assert store.record_attempt(lease, {"status_code": 500}, "pending", next_attempt_at=time.time() + 0.3)
+    assert not store.record_attempt(lease, {"status_code": 200}, "delivered")  # lease released
+    assert store.claim_delivery("d") is None  # not due yet
+    time.sleep(0.35)
+    _, lease = store.claim_delivery("d")
+    assert store.record_attempt(lease, {"status_code": 200}, "delivered")
+    assert store.claim_delivery("d") is None
+    (done,) = store.deliveries(job.id)
+    assert done.state == "delivered" and [a["status_code"] for a in done.attempts] == [500, 200]
+
+
+def test_lapsed_delivery_lease_is_reclaimed(store):
+    job, _ = submit_with_delivery(store)
+    store.cancel(job.id, "cancelled")
+    _, old = store.claim_delivery("d1")
+    time.sleep(LEASE + 0.1)
+    _, new = store.claim_delivery("d2")
+    assert not store.record_attempt(old, {"status_code": 200}, "delivered")
+    assert store.record_attempt(new, {"status_code": 200}, "delivered")
+
+
+def test_deliveries_go_with_their_job(make_store):
+    store = make_store(retention_seconds=0.2)
+    job, _ = submit_with_delivery(store)
+    store.cancel(job.id, "cancelled")
+    time.sleep(0.3)
+    assert [j.id for j in store.purge_expired()] == [job.id]
+    assert store.deliveries(job.id) == []
+    assert store.claim_delivery("d") is None

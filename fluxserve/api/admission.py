@@ -14,22 +14,28 @@ from fluxserve.accounts.money import to_credits
 from fluxserve.api.auth import Caller
 from fluxserve.api.common import services_of
 from fluxserve.api.errors import ApiError
+from fluxserve.api.submission import SubmitOptions, store_job
 from fluxserve.jobs import Job
 
 
-async def admit(request: Request, caller: Caller, job: Job) -> Job:
+async def admit(request: Request, caller: Caller, job: Job, options: SubmitOptions) -> Job:
+    """The stored job: this one, or an earlier one with the same Idempotency-Key (charged once)."""
     services = services_of(request)
     if caller.account is not None:
         await _take_rate_token(request, caller)
         await _reserve(request, caller, job)
     try:
         services.faults.before_submit(job.params["positivePrompt"])
-        return await anyio.to_thread.run_sync(services.store.submit, job)
+        stored = await store_job(request, job, options)
     except BaseException:
         if caller.account is not None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_release_unless_queued, services, job.id)
         raise
+    if stored.id != job.id and caller.account is not None:
+        # An idempotent replay: the earlier job holds the charge; this attempt's reservation goes back.
+        await anyio.to_thread.run_sync(lambda: services.access.store.settle(job.id, charge=False))
+    return stored
 
 
 async def _take_rate_token(request: Request, caller: Caller) -> None:

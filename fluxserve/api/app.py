@@ -9,7 +9,7 @@ import anyio
 from fastapi import FastAPI, Request
 
 from fluxserve import __version__
-from fluxserve.api import account, generate, requests
+from fluxserve.api import account, control, generate, playground, requests
 from fluxserve.api.common import services_of
 from fluxserve.api.errors import ApiError, install_error_handlers, not_found
 from fluxserve.config import Settings
@@ -40,6 +40,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(generate.router(settings.slug))
     app.include_router(requests.router)
     app.include_router(account.router)
+    app.include_router(control.router)
+    app.include_router(playground.router)
     # Last: anything unmatched is a JSON 404 (or 405 on the model's own path).
     app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)(
         unknown_route

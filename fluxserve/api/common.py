@@ -11,8 +11,9 @@ from fastapi.responses import JSONResponse
 
 from fluxserve.api.auth import authenticate, authorize_job, has_media_signature, signed_media_query
 from fluxserve.api.errors import bad_request, not_found
-from fluxserve.contract import GenerateRequest, JobState, RequestError, parse_request
+from fluxserve.contract import GenerateRequest, RequestError, parse_request
 from fluxserve.jobs import Job
+from fluxserve.results import failed_body, media_url_at, result_body_at
 from fluxserve.services import Services
 
 
@@ -35,11 +36,23 @@ def job_urls(request: Request, job_id: str) -> dict[str, str]:
 
 
 def media_url(request: Request, job: Job) -> str:
-    return f"{base_url(request)}/v2/media/{job.result['output_key']}{signed_media_query(request, job.id)}"
+    return media_url_at(base_url(request), job, signed_media_query(request, job.id))
 
 
 async def read_generate_request(request: Request) -> GenerateRequest:
     """The body as a validated GenerateRequest; a 400 naming the problem otherwise."""
+    return validate_generate_request(await read_json_body(request))
+
+
+def validate_generate_request(payload: object) -> GenerateRequest:
+    try:
+        return parse_request(payload)
+    except RequestError as exc:
+        raise bad_request(str(exc)) from None
+
+
+async def read_json_body(request: Request) -> object:
+    """The decoded JSON body (within the size limit); a 400 otherwise."""
     limit = services_of(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -50,13 +63,9 @@ async def read_generate_request(request: Request) -> GenerateRequest:
         if len(body) > limit:
             raise bad_request(f"Request body too large (limit {limit} bytes)")
     try:
-        payload = json.loads(body)
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise bad_request("Request body must be valid JSON") from None
-    try:
-        return parse_request(payload)
-    except RequestError as exc:
-        raise bad_request(str(exc)) from None
 
 
 async def load_job(request: Request, job_id: str, *, signed_link: bool = False) -> Job:
@@ -70,24 +79,9 @@ async def load_job(request: Request, job_id: str, *, signed_link: bool = False) 
     return job
 
 
-def failed_response(job: Job) -> JSONResponse:
-    return JSONResponse({"request_id": job.id, "status": JobState.FAILED.value, "error": job.error}, status_code=422)
+def failed_response(job: Job, **extra: Any) -> JSONResponse:
+    return JSONResponse({**failed_body(job), **extra}, status_code=422)
 
 
 def result_body(request: Request, job: Job) -> dict[str, Any]:
-    body: dict[str, Any] = {"request_id": job.id, "status": job.state.value}
-    if job.state is not JobState.COMPLETED:
-        return {**body, "output": None, "metrics": {}}
-    return {
-        **body,
-        "output": media_url(request, job),
-        "seed": job.params["seed"],
-        "outputFormat": job.params["outputFormat"],
-        "metrics": {
-            **job.result["metrics"],
-            "total_time": round((job.finished_at or job.created_at) - job.created_at, 4),
-            "cost": job.meta.get("cost", 0),
-        },
-        "created_at": job.created_at,
-        "completed_at": job.finished_at,
-    }
+    return result_body_at(base_url(request), job, signed_media_query(request, job.id))

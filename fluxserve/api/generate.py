@@ -11,9 +11,17 @@ from fastapi.responses import JSONResponse, Response
 
 from fluxserve.api.admission import admit
 from fluxserve.api.auth import authenticate, authorize_model
-from fluxserve.api.common import failed_response, job_urls, read_generate_request, result_body, services_of
+from fluxserve.api.common import (
+    failed_response,
+    job_urls,
+    read_json_body,
+    result_body,
+    services_of,
+    validate_generate_request,
+)
 from fluxserve.api.errors import ApiError, not_found
-from fluxserve.contract import MEDIA_TYPES, GenerateRequest, JobState
+from fluxserve.api.submission import SUBMIT_HEADERS_DOC, store_job, submit_body_schema, take_submit_options
+from fluxserve.contract import MEDIA_TYPES, JobState
 from fluxserve.jobs import Job, new_job_id
 
 # v1 callers each hold a thread while they wait for their job; keep them off FastAPI's own pool.
@@ -22,8 +30,9 @@ _SYNC_WAITERS = anyio.CapacityLimiter(1000)
 _BODY_DOC = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
-    }
+        "content": {"application/json": {"schema": submit_body_schema()}},
+    },
+    "parameters": SUBMIT_HEADERS_DOC,
 }
 
 
@@ -31,12 +40,14 @@ async def submit(request: Request) -> Job:
     services = services_of(request)
     caller = await authenticate(request)
     authorize_model(caller, services.settings.slug)
-    params = await read_generate_request(request)
+    payload = await read_json_body(request)
+    options = take_submit_options(request, payload)
+    params = validate_generate_request(payload)
     if services.engine.state == "failed" and services.settings.worker:
         raise ApiError(502, f"The model is not available: {services.engine.error}")
     job = Job(id=new_job_id(), slug=services.settings.slug, params=params.with_resolved_seed().model_dump(),
               owner=caller.account_id)
-    return await admit(request, caller, job)
+    return await admit(request, caller, job, options)
 
 
 def router(slug: str) -> APIRouter:
@@ -75,6 +86,7 @@ def router(slug: str) -> APIRouter:
     async def generate_async(request: Request) -> dict[str, Any]:
         """Queue a generation; answers at once with the URLs to poll."""
         job = await submit(request)
-        return {"request_id": job.id, "status": JobState.QUEUED.value, **job_urls(request, job.id)}
+        # An Idempotency-Key replay answers with the first job, in whatever state it is now.
+        return {"request_id": job.id, "status": job.state.value, **job_urls(request, job.id)}
 
     return api

@@ -11,6 +11,9 @@ from fastapi.responses import Response
 from fluxserve.api.common import failed_response, load_job, result_body, services_of
 from fluxserve.api.errors import not_found
 from fluxserve.contract import JobState
+from fluxserve.jobs import Job
+from fluxserve.results import status_body
+from fluxserve.webhooks import delivery_view
 
 router = APIRouter(tags=["requests"])
 
@@ -20,18 +23,28 @@ async def request_status(request: Request, job_id: str) -> Any:
     job = await load_job(request, job_id)
     if job.state is JobState.FAILED:
         return failed_response(job)
-    body: dict[str, Any] = {"request_id": job.id, "status": job.state.value}
+    position = None
     if job.state is JobState.QUEUED:
-        body["queue_position"] = await anyio.to_thread.run_sync(services_of(request).store.queue_position, job.id)
-    return body
+        position = await anyio.to_thread.run_sync(services_of(request).store.queue_position, job.id)
+    return status_body(job, position)
 
 
 @router.get("/v2/requests/{job_id}")
 async def request_result(request: Request, job_id: str) -> Any:
     job = await load_job(request, job_id)
+    webhook = await webhook_section(request, job)
     if job.state is JobState.FAILED:
-        return failed_response(job)
-    return result_body(request, job)
+        return failed_response(job, **webhook)
+    return {**result_body(request, job), **webhook}
+
+
+async def webhook_section(request: Request, job: Job) -> dict[str, Any]:
+    """The request's webhook and every delivery attempt so far (nothing when it has no webhook)."""
+    if "webhook" not in job.meta:
+        return {}
+    deliveries = await anyio.to_thread.run_sync(services_of(request).store.deliveries, job.id)
+    views = [delivery_view(delivery) for delivery in deliveries]
+    return {"webhook": {"url": job.meta["webhook"]["url"], "deliveries": views}}
 
 
 @router.get("/v2/media/{key}", response_class=Response)

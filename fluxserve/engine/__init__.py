@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fluxserve.engine.preview import latent_preview
 from fluxserve.engine.schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 SIZE_MULTIPLE = 16
 
 ProgressCallback = Callable[[int, int], None]
+# Receives a small, cheaply decoded picture of the current latent after each step (a PIL image).
+PreviewCallback = Callable[[object], None]
 
 
 class GenerationCancelled(Exception):
@@ -61,8 +64,17 @@ class Engine:
         # denoising loops side by side is slower than running them one after the other.
         self._lock = threading.Lock()
 
-    def generate(self, params: GenerationParams, on_step: ProgressCallback | None = None):
-        """Run the pipeline for one request; returns a PIL image of exactly width×height."""
+    def generate(
+        self,
+        params: GenerationParams,
+        on_step: ProgressCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ):
+        """Run the pipeline for one request; returns a PIL image of exactly width×height.
+
+        `on_step(step, total)` runs after each denoising step; raising GenerationCancelled from it stops
+        the run. `on_preview(image)`, when given, gets a low-resolution preview just before it.
+        """
         import torch
         from diffusers import FluxPipeline
 
@@ -72,6 +84,9 @@ class Engine:
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
 
         def step_end(_pipe, step: int, _timestep, tensors):
+            if on_preview is not None:
+                on_preview(latent_preview(tensors["latents"], padded(params.height), padded(params.width),
+                                          pipe.vae_scale_factor))
             if on_step is not None:
                 on_step(step + 1, params.steps)
             return tensors

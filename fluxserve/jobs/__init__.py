@@ -8,8 +8,9 @@ a stale token (a worker whose lease lapsed and whose job was reclaimed) changes 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from fluxserve.contract import JobState
 
@@ -38,6 +39,9 @@ class Job:
     owner: str | None = None
     # Per-feature data that travels with the job (a backend stores it as one opaque JSON value).
     meta: dict[str, Any] = field(default_factory=dict)
+    # The worker's latest report (step, total, percent, eta_seconds, preview), opaque JSON; cleared
+    # when a worker claims the job, kept after it ends.
+    progress: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,62 @@ class Lease:
     token: str
 
 
+# -- outbox and idempotency records (webhooks, Idempotency-Key) ------------------------------------
+
+DeliveryTrigger = Literal["started", "finished"]
+DeliveryState = Literal["pending", "delivered", "failed"]
+
+
+@dataclass
+class Delivery:
+    """One message in the durable outbox: a POST owed to `url` once its job reaches `trigger`.
+
+    `trigger` "started" is due once the job has been claimed (started_at set); "finished" once it is
+    COMPLETED or FAILED, whichever way it got there. The record is created with its job (in `submit`)
+    and deleted with it (in `purge_expired`).
+    """
+
+    id: str  # the message id (Standard Webhooks `webhook-id`), the same on every retry
+    job_id: str
+    url: str
+    trigger: DeliveryTrigger = "finished"
+    state: DeliveryState = "pending"
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    next_attempt_at: float = 0.0  # not before this time (0: as soon as the trigger holds)
+
+
+def new_delivery_id() -> str:
+    return f"msg_{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """A client's Idempotency-Key, scoped to its owner, with a fingerprint of the request it came with."""
+
+    key: str
+    fingerprint: str
+    owner: str | None = None
+
+
+class IdempotencyConflict(Exception):
+    """The key is held by a live job whose request had another fingerprint."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
 class JobStore(Protocol):
-    def submit(self, job: Job) -> Job:
-        """Persist a new QUEUED job (durably, before the client hears its id)."""
+    def submit(
+        self, job: Job, *, deliveries: Sequence[Delivery] = (), idempotency: IdempotencyKey | None = None
+    ) -> Job:
+        """Persist a new QUEUED job (durably, before the client hears its id), with its outbox deliveries,
+        in one transaction.
+
+        With `idempotency`: while a live job (not past its retention) holds the same key and owner, create
+        nothing and return that job (same fingerprint) or raise IdempotencyConflict (another fingerprint).
+        Concurrent submits with one key create exactly one job. The key lives and expires with its job.
+        """
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when unknown or past its retention window."""
@@ -70,11 +127,34 @@ class JobStore(Protocol):
     def fail(self, lease: Lease, error: str) -> bool:
         """PROCESSING → FAILED; False (and no change) when the lease is stale."""
 
+    def report_progress(self, lease: Lease, progress: dict[str, Any]) -> bool:
+        """Replace the job's `progress` while PROCESSING under this lease; False (and no change) when the
+        lease is stale or the job was cancelled: the worker should stop."""
+
+    def cancel(self, job_id: str, error: str) -> Job | None:
+        """QUEUED or PROCESSING → FAILED with `error` (and the lease revoked, so the worker's next
+        `report_progress` answers False); a terminal job is left as it is. Returns the job's record after
+        the call, or None when unknown."""
+
     def wait_terminal(self, job_id: str, timeout: float) -> Job | None:
         """Block until the job is COMPLETED or FAILED or `timeout` passes; return its latest record."""
 
     def purge_expired(self) -> list[Job]:
-        """Delete jobs past their retention window and return them (their media goes too)."""
+        """Delete jobs past their retention window (with their deliveries and idempotency keys) and
+        return them (their media goes too)."""
+
+    def claim_delivery(self, worker_id: str) -> tuple[Delivery, Lease] | None:
+        """Lease the due pending delivery (trigger holds, `next_attempt_at` passed, no live lease) that is
+        due first; the lease lasts as long as a job's, and its `job_id` field names the delivery."""
+
+    def record_attempt(
+        self, lease: Lease, attempt: dict[str, Any], state: DeliveryState, next_attempt_at: float = 0.0
+    ) -> bool:
+        """Append `attempt` to the leased delivery, set its `state` (and `next_attempt_at` when it stays
+        pending) and release the lease; False (and no change) when the lease is stale."""
+
+    def deliveries(self, job_id: str) -> list[Delivery]:
+        """The job's deliveries, oldest first."""
 
     def ping(self) -> bool:
         """True when the store answers."""

@@ -12,13 +12,14 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from fluxserve.contract import JobState
 from fluxserve.dbfile import SqliteFile
-from fluxserve.jobs import Job, Lease
+from fluxserve.jobs import Delivery, DeliveryState, IdempotencyConflict, IdempotencyKey, Job, Lease
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -43,6 +44,27 @@ CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (state, slug, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
 """
 
+# Progress, idempotency keys and the webhook outbox. Columns are added to a jobs table made by an
+# older version (`_JOB_COLUMNS`), so an existing data directory keeps working.
+_JOB_COLUMNS = {"progress": "TEXT", "idem_key": "TEXT", "idem_fingerprint": "TEXT"}
+_OUTBOX_SCHEMA = """
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (idem_key) WHERE idem_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+    id               TEXT NOT NULL UNIQUE,
+    job_id           TEXT NOT NULL,
+    url              TEXT NOT NULL,
+    trigger          TEXT NOT NULL,
+    state            TEXT NOT NULL DEFAULT 'pending',
+    attempts         TEXT NOT NULL DEFAULT '[]',
+    next_attempt_at  REAL NOT NULL DEFAULT 0,
+    lease_token      TEXT,
+    lease_expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries (job_id);
+"""
+
 _TERMINAL = (JobState.COMPLETED.value, JobState.FAILED.value)
 # How often a waiter re-reads the file, to see transitions made by other processes.
 _CROSS_PROCESS_POLL_S = 0.25
@@ -64,6 +86,15 @@ class SqliteJobStore:
         self.retention_seconds = retention_seconds
         self._changed = threading.Condition()
         self._db().executescript(_SCHEMA)
+        self._add_missing_columns()
+        self._db().executescript(_OUTBOX_SCHEMA)
+
+    def _add_missing_columns(self) -> None:
+        with self._transaction() as db:
+            present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in _JOB_COLUMNS.items():
+                if name not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     # -- connections -------------------------------------------------------------------------
 
@@ -79,18 +110,44 @@ class SqliteJobStore:
 
     # -- the protocol --------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> Job:
+    def submit(
+        self, job: Job, *, deliveries: Sequence[Delivery] = (), idempotency: IdempotencyKey | None = None
+    ) -> Job:
         job.state = JobState.QUEUED
         job.created_at = job.created_at or time.time()
+        idem_key = _scoped_key(idempotency) if idempotency else None
         with self._transaction() as db:
+            if idem_key is not None:
+                holder = self._idempotency_holder(db, idem_key, idempotency.fingerprint)
+                if holder is not None:
+                    return holder
             db.execute(
-                """INSERT INTO jobs (id, slug, params, state, created_at, owner, meta)
-                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                """INSERT INTO jobs (id, slug, params, state, created_at, owner, meta,
+                                     idem_key, idem_fingerprint)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (job.id, job.slug, json.dumps(job.params), job.state.value, job.created_at, job.owner,
-                 json.dumps(job.meta)),
+                 json.dumps(job.meta), idem_key, idempotency.fingerprint if idempotency else None),
+            )
+            db.executemany(
+                """INSERT INTO deliveries (id, job_id, url, trigger, state, attempts, next_attempt_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                [(d.id, job.id, d.url, d.trigger, d.state, json.dumps(d.attempts), d.next_attempt_at)
+                 for d in deliveries],
             )
         self._notify()
         return job
+
+    def _idempotency_holder(self, db: sqlite3.Connection, idem_key: str, fingerprint: str) -> Job | None:
+        """The live job holding the key (or IdempotencyConflict); an expired holder gives the key up."""
+        row = db.execute("SELECT * FROM jobs WHERE idem_key = ?", (idem_key,)).fetchone()
+        if row is None:
+            return None
+        if row["expires_at"] is not None and row["expires_at"] <= time.time():
+            db.execute("UPDATE jobs SET idem_key = NULL WHERE seq = ?", (row["seq"],))
+            return None
+        if row["idem_fingerprint"] != fingerprint:
+            raise IdempotencyConflict(row["id"])
+        return _job_from_row(row)
 
     def get(self, job_id: str) -> Job | None:
         row = self._db().execute(
@@ -127,7 +184,7 @@ class SqliteJobStore:
             token = f"{worker_id}:{uuid.uuid4().hex}"
             db.execute(
                 """UPDATE jobs SET state = 'PROCESSING', attempts = attempts + 1, lease_token = ?,
-                       lease_expires_at = ?, started_at = ? WHERE seq = ?""",
+                       lease_expires_at = ?, started_at = ?, progress = NULL WHERE seq = ?""",
                 (token, now + self.lease_seconds, now, row["seq"]),
             )
             claimed = db.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
@@ -178,6 +235,27 @@ class SqliteJobStore:
         self._notify()
         return cur.rowcount == 1
 
+    def report_progress(self, lease: Lease, progress: dict[str, Any]) -> bool:
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE jobs SET progress = ? WHERE id = ? AND lease_token = ? AND state = 'PROCESSING'",
+                (json.dumps(progress), lease.job_id, lease.token),
+            )
+        return cur.rowcount == 1
+
+    def cancel(self, job_id: str, error: str) -> Job | None:
+        now = time.time()
+        with self._transaction() as db:
+            cur = db.execute(
+                """UPDATE jobs SET state = 'FAILED', error = ?, finished_at = ?, expires_at = ?,
+                       lease_token = NULL, lease_expires_at = NULL
+                   WHERE id = ? AND state IN ('QUEUED', 'PROCESSING')""",
+                (error, now, now + self.retention_seconds, job_id),
+            )
+        if cur.rowcount:
+            self._notify()
+        return self.get(job_id)
+
     def wait_terminal(self, job_id: str, timeout: float) -> Job | None:
         deadline = time.monotonic() + timeout
         while True:
@@ -192,8 +270,57 @@ class SqliteJobStore:
         now = time.time()
         with self._transaction() as db:
             rows = db.execute("SELECT * FROM jobs WHERE expires_at <= ?", (now,)).fetchall()
+            db.execute(
+                "DELETE FROM deliveries WHERE job_id IN (SELECT id FROM jobs WHERE expires_at <= ?)", (now,)
+            )
             db.execute("DELETE FROM jobs WHERE expires_at <= ?", (now,))
         return [_job_from_row(row) for row in rows]
+
+    # -- the webhook outbox ------------------------------------------------------------------------
+
+    def claim_delivery(self, worker_id: str) -> tuple[Delivery, Lease] | None:
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                """SELECT d.* FROM deliveries d JOIN jobs j ON j.id = d.job_id
+                   WHERE d.state = 'pending' AND d.next_attempt_at <= ?
+                     AND (d.lease_expires_at IS NULL OR d.lease_expires_at <= ?)
+                     AND ((d.trigger = 'finished' AND j.state IN ('COMPLETED', 'FAILED'))
+                          OR (d.trigger = 'started' AND j.started_at IS NOT NULL))
+                   ORDER BY d.next_attempt_at, d.seq LIMIT 1""",
+                (now, now),
+            ).fetchone()
+            if row is None:
+                return None
+            token = f"{worker_id}:{uuid.uuid4().hex}"
+            db.execute(
+                "UPDATE deliveries SET lease_token = ?, lease_expires_at = ? WHERE seq = ?",
+                (token, now + self.lease_seconds, row["seq"]),
+            )
+        return _delivery_from_row(row), Lease(row["id"], token)
+
+    def record_attempt(
+        self, lease: Lease, attempt: dict[str, Any], state: DeliveryState, next_attempt_at: float = 0.0
+    ) -> bool:
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT attempts FROM deliveries WHERE id = ? AND lease_token = ? AND state = 'pending'",
+                (lease.job_id, lease.token),
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute(
+                """UPDATE deliveries SET attempts = ?, state = ?, next_attempt_at = ?,
+                       lease_token = NULL, lease_expires_at = NULL WHERE id = ?""",
+                (json.dumps([*json.loads(row["attempts"]), attempt]), state, next_attempt_at, lease.job_id),
+            )
+        return True
+
+    def deliveries(self, job_id: str) -> list[Delivery]:
+        rows = self._db().execute(
+            "SELECT * FROM deliveries WHERE job_id = ? ORDER BY seq", (job_id,)
+        ).fetchall()
+        return [_delivery_from_row(row) for row in rows]
 
     def ping(self) -> bool:
         try:
@@ -210,6 +337,23 @@ def _slug_clause(slugs: list[str] | None) -> tuple[str, list[str]]:
     if not slugs:
         return "", []
     return f"AND slug IN ({', '.join('?' for _ in slugs)})", list(slugs)
+
+
+def _scoped_key(idempotency: IdempotencyKey) -> str:
+    # One key namespace per owner: two accounts may use the same key without seeing each other's jobs.
+    return f"{idempotency.owner or ''}\n{idempotency.key}"
+
+
+def _delivery_from_row(row: sqlite3.Row) -> Delivery:
+    return Delivery(
+        id=row["id"],
+        job_id=row["job_id"],
+        url=row["url"],
+        trigger=row["trigger"],
+        state=row["state"],
+        attempts=json.loads(row["attempts"]),
+        next_attempt_at=row["next_attempt_at"],
+    )
 
 
 def _job_from_row(row: sqlite3.Row) -> Job:
@@ -229,4 +373,5 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         error=row["error"],
         owner=row["owner"],
         meta=json.loads(row["meta"]),
+        progress=json.loads(row["progress"]) if row["progress"] else None,
     )

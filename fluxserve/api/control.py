@@ -1,0 +1,99 @@
+"""Following and stopping a request: `POST /v2/requests/{id}/cancel` and `GET /v2/requests/{id}/events`."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from fluxserve.api.auth import signed_media_query
+from fluxserve.api.common import base_url, load_job, services_of
+from fluxserve.api.errors import ApiError, not_found
+from fluxserve.cancel import CANCELLED_BY_CLIENT
+from fluxserve.contract import JobState
+from fluxserve.jobs import Job
+from fluxserve.results import failed_body, job_body, status_body
+
+router = APIRouter(tags=["requests"])
+
+EVENTS_POLL_SECONDS = 0.2
+KEEPALIVE_SECONDS = 15.0
+
+
+@router.post("/v2/requests/{job_id}/cancel")
+async def cancel_request(request: Request, job_id: str) -> dict[str, Any]:
+    """Cancel a QUEUED or PROCESSING request: it ends FAILED with an error saying it was cancelled.
+
+    A queued request never runs; a running one stops at its next denoising step."""
+    await load_job(request, job_id)
+    job = await anyio.to_thread.run_sync(services_of(request).store.cancel, job_id, CANCELLED_BY_CLIENT)
+    if job is None:
+        raise not_found(f"Request {job_id} not found (unknown or expired)")
+    if job.state is JobState.FAILED and job.error == CANCELLED_BY_CLIENT:
+        await anyio.to_thread.run_sync(services_of(request).settle, job_id)  # not charged: released now
+        return failed_body(job)
+    raise ApiError(409, f"Request {job_id} already ended ({job.state.value}); there is nothing to cancel")
+
+
+@router.get(
+    "/v2/requests/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def request_events(request: Request, job_id: str, preview: bool = False) -> StreamingResponse:
+    """Server-Sent Events: a `status` event whenever the status body changes (with `queue_position`
+    or `progress`; `?preview=true` adds a small JPEG data URL of the current latent), then one
+    `completed` or `failed` event with the result body, and the stream ends."""
+    await load_job(request, job_id)
+    return StreamingResponse(
+        _events(request, job_id, preview),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _events(request: Request, job_id: str, preview: bool) -> AsyncIterator[str]:
+    store = services_of(request).store
+    last: dict[str, Any] | None = None
+    last_sent = time.monotonic()
+    while not await request.is_disconnected():
+        job = await anyio.to_thread.run_sync(store.get, job_id)
+        if job is None:
+            yield _event("error", {"error": f"Request {job_id} expired"})
+            return
+        if job.state.terminal:
+            final = _last_progress(job, preview)
+            if final is not None and final != last:
+                yield _event("status", final)  # a fast finish must not hide the last step from the stream
+            yield _event(job.state.value.lower(), job_body(base_url(request), job, signed_media_query(request, job.id)))
+            return
+        position = (
+            await anyio.to_thread.run_sync(store.queue_position, job_id)
+            if job.state is JobState.QUEUED
+            else None
+        )
+        body = status_body(job, position, preview=preview)
+        if body != last:
+            yield _event("status", body)
+            last, last_sent = body, time.monotonic()
+        elif time.monotonic() - last_sent > KEEPALIVE_SECONDS:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        await anyio.sleep(EVENTS_POLL_SECONDS)
+
+
+def _last_progress(job: Job, preview: bool) -> dict[str, Any] | None:
+    """The status body of a completed job's final progress report, as it read while PROCESSING."""
+    if job.state is not JobState.COMPLETED or not job.progress:
+        return None
+    return status_body(replace(job, state=JobState.PROCESSING), preview=preview)
+
+
+def _event(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
