@@ -1,4 +1,4 @@
-"""`fluxserve serve | tiny-model | generate`."""
+"""`fluxserve serve | worker | tiny-model | generate`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ from typing import Annotated, Optional
 import typer
 
 from fluxserve.config import Settings
+from fluxserve.logs import configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-hosted FLUX text-to-image API.")
-
-
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def settings_with(**overrides) -> Settings:
@@ -28,15 +25,39 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="Port [env FLUXSERVE_PORT]")] = None,
     model: Annotated[Optional[str], typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Jobs and outputs live here [env FLUXSERVE_DATA_DIR]")] = None,
+    worker: Annotated[
+        Optional[bool], typer.Option("--worker/--no-worker", help="Run jobs in this process [env FLUXSERVE_WORKER]")
+    ] = None,
 ) -> None:
-    """Start the API (with an embedded worker unless FLUXSERVE_WORKER=false)."""
-    import uvicorn
-
+    """Start the API (with an embedded worker unless --no-worker / FLUXSERVE_WORKER=false)."""
     from fluxserve.api import create_app
 
-    configure_logging()
-    settings = settings_with(host=host, port=port, model=model, data_dir=data_dir)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    settings = settings_with(host=host, port=port, model=model, data_dir=data_dir, worker=worker)
+    run_http(create_app(settings), settings)
+
+
+@app.command("worker")
+def worker_command(
+    concurrency: Annotated[Optional[int], typer.Option(help="Jobs run side by side [env FLUXSERVE_WORKER_CONCURRENCY]")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated slugs to claim [env FLUXSERVE_WORKER_MODELS]")] = None,
+    model: Annotated[Optional[str], typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address of /health, /ready, /metrics [env FLUXSERVE_HOST]")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port of /health, /ready, /metrics [env FLUXSERVE_PORT]")] = None,
+) -> None:
+    """Claim and run jobs from the shared store (FLUXSERVE_STORE); SIGTERM drains: the job in hand finishes."""
+    from fluxserve.api.worker_app import create_worker_app
+
+    settings = settings_with(worker_concurrency=concurrency, worker_models=models, model=model, host=host,
+                             port=port)
+    run_http(create_worker_app(settings), settings)
+
+
+def run_http(asgi_app, settings: Settings) -> None:
+    import uvicorn
+
+    configure_logging(settings.log_level, settings.log_format)
+    # log_config=None: uvicorn logs through our handler; the access log is ours (with request ids).
+    uvicorn.run(asgi_app, host=settings.host, port=settings.port, log_config=None, access_log=False)
 
 
 @app.command("tiny-model")

@@ -9,7 +9,7 @@ import anyio
 from fastapi import FastAPI, Request
 
 from fluxserve import __version__
-from fluxserve.api import generate, requests
+from fluxserve.api import generate, observability, requests
 from fluxserve.api.common import services_of
 from fluxserve.api.errors import ApiError, install_error_handlers, not_found
 from fluxserve.config import Settings
@@ -37,6 +37,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.services = services
     install_error_handlers(app)
     app.get("/health", tags=["service"])(health)
+    app.include_router(observability.router)
+    app.add_middleware(observability.RequestContext)
     app.include_router(generate.router(settings.slug))
     app.include_router(requests.router)
     # Last: anything unmatched is a JSON 404 (or 405 on the model's own path).

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from fluxserve.api.errors import bad_request, not_found
 from fluxserve.contract import GenerateRequest, JobState, RequestError, parse_request
 from fluxserve.jobs import Job
+from fluxserve.logs import annotate
 from fluxserve.services import Services
 
 
@@ -59,6 +60,7 @@ async def read_generate_request(request: Request) -> GenerateRequest:
 
 
 async def load_job(request: Request, job_id: str) -> Job:
+    annotate(job_id=job_id)
     job = await anyio.to_thread.run_sync(services_of(request).store.get, job_id)
     if job is None:
         raise not_found(f"Request {job_id} not found (unknown or expired)")

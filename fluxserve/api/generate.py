@@ -13,6 +13,7 @@ from fluxserve.api.common import failed_response, job_urls, read_generate_reques
 from fluxserve.api.errors import ApiError, not_found
 from fluxserve.contract import MEDIA_TYPES, GenerateRequest, JobState
 from fluxserve.jobs import Job, new_job_id
+from fluxserve.logs import annotate
 
 # v1 callers each hold a thread while they wait for their job; keep them off FastAPI's own pool.
 _SYNC_WAITERS = anyio.CapacityLimiter(1000)
@@ -31,6 +32,7 @@ async def submit(request: Request) -> Job:
     if services.engine.state == "failed" and services.settings.worker:
         raise ApiError(502, f"The model is not available: {services.engine.error}")
     job = Job(id=new_job_id(), slug=services.settings.slug, params=params.with_resolved_seed().model_dump())
+    annotate(job_id=job.id)
     return await anyio.to_thread.run_sync(services.store.submit, job)
 
 

@@ -76,6 +76,9 @@ class JobStore(Protocol):
     def purge_expired(self) -> list[Job]:
         """Delete jobs past their retention window and return them (their media goes too)."""
 
+    def count_by_state(self) -> dict[str, int]:
+        """How many jobs are in each state (ended ones until they expire), for metrics."""
+
     def ping(self) -> bool:
         """True when the store answers."""
 

@@ -1,0 +1,39 @@
+"""The HTTP face of `fluxserve worker`: `/health`, `/ready` (model loaded, store reachable), `/metrics`.
+
+The worker runs inside the app's lifespan, so SIGTERM (which ends the server) drains it: it stops
+claiming and finishes the job in hand before the process exits.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+
+from fluxserve import __version__
+from fluxserve.api import observability
+from fluxserve.api.app import health
+from fluxserve.api.errors import install_error_handlers
+from fluxserve.config import Settings
+from fluxserve.services import Services
+
+
+def create_worker_app(settings: Settings) -> FastAPI:
+    services = Services(settings.model_copy(update={"worker": True}))
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        services.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(services.stop)
+
+    app = FastAPI(title="fluxserve worker", version=__version__, lifespan=lifespan, openapi_url=None)
+    app.state.services = services
+    install_error_handlers(app)
+    app.get("/health")(health)
+    app.include_router(observability.router)
+    app.add_middleware(observability.RequestContext)
+    return app
