@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 _context: ContextVar[dict[str, Any] | None] = ContextVar("fluxserve_log_context", default=None)
@@ -55,8 +56,9 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler.addFilter(_ContextFilter())
     if fmt == "json":
         handler.setFormatter(
-            JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
-                          rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
+            JsonFormatter("%(levelname)s %(name)s %(message)s", timestamp="time",
+                          rename_fields={"levelname": "level", "name": "logger"},
+                          reserved_attrs=[*RESERVED_ATTRS, "color_message"])  # uvicorn's ANSI copy
         )
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

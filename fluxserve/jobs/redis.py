@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from fluxserve.contract import JobState
 from fluxserve.jobs import Job, Lease
@@ -60,10 +62,7 @@ class RedisJobStore:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisJobStore:
-        client = redis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30, health_check_interval=15
-        )
-        return cls(client, **options)
+        return cls(connect(url, decode_responses=True), **options)
 
     def _run(self, name: str, *args: Any) -> Any:
         return self._scripts[name](args=[self.prefix, *args])
@@ -140,6 +139,19 @@ class RedisJobStore:
     def close(self) -> None:
         self._ended.close()
         self.client.close()
+
+
+def connect(url: str, **options: Any) -> redis.Redis:
+    """A client that rides out a Redis restart: broken connections are retried for a few seconds."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        **options,
+    )
 
 
 # -- the record: one hash field per Job field, each value JSON ---------------------------------------

@@ -13,6 +13,9 @@ Key layout (P is the key prefix, `fluxserve` by default):
 Every script takes the prefix as ARGV[1]. Times come from the Redis server's clock (TIME), so leases
 mean the same on every host whatever their clocks say. Values the scripts write are JSON text made
 by the caller (tokens, results, errors) or numbers, so Python decodes every field with json.loads.
+The client retries a command whose connection broke. SUBMIT answers a repeat of a call that already
+took effect as the first time. A repeated CLAIM leases a second job (the first one's lease lapses and
+it runs later, as after any crash); a repeated FINISH answers 0, as for any ended job.
 Scripts name keys they compute from the prefix, so the store needs a single Redis (or a Sentinel
 primary), not Redis Cluster.
 """
@@ -52,7 +55,8 @@ end
 SUBMIT = """
 local id, slug = ARGV[2], ARGV[3]
 local key = job_key(id)
-if redis.call('EXISTS', key) == 1 then return redis.error_reply('job ' .. id .. ' exists') end
+-- Only a retried call (its first reply was lost) finds the job there already: ids are uuid4.
+if redis.call('EXISTS', key) == 1 then return redis.call('HGET', key, 'created_at') end
 local seq = redis.call('INCR', P .. ':seq')
 local created = ARGV[4]
 if created == '' then created = num(now()) end

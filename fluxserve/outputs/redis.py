@@ -17,7 +17,9 @@ class RedisOutputStore:
 
     @classmethod
     def from_url(cls, url: str, **options) -> RedisOutputStore:
-        return cls(redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30), **options)
+        from fluxserve.jobs.redis import connect
+
+        return cls(connect(url), **options)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}:media:{key}"
