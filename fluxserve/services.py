@@ -25,6 +25,9 @@ DEMO_WARNING = (
 )
 
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def open_store(settings: Settings) -> JobStore:
     url = settings.store
     if url is None or url.startswith("sqlite://"):
@@ -46,9 +49,6 @@ def open_store(settings: Settings) -> JobStore:
             retention_seconds=settings.retention_seconds,
         )
     raise ValueError(f"Unsupported job store URL: {url!r} (use sqlite:///path/to/file or redis://host:port/db)")
-
-
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def open_outputs(settings: Settings) -> OutputStore:

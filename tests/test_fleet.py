@@ -116,6 +116,9 @@ def test_two_workers_race_and_each_job_completes_once(fleet):
     started = time.monotonic()
     clients = [fleet.client(0), fleet.client(1)]
     ids = [submit(clients[i % 2], f"race {i}", seed=i, **SMALL) for i in range(8)]
+    # v1 waits on the job's end from whichever replica took the call, while a worker elsewhere runs it.
+    sync = clients[1].post(f"/v1/{SLUG}", json={"positivePrompt": "sync", "outputFormat": "PNG", **SMALL})
+    assert sync.status_code == 200 and sync.content.startswith(b"\x89PNG")
     results = [completed_result(clients[1], job_id) for job_id in ids]
     completions = Counter(job_id for w in fleet.workers for job_id in log_events(w, "completed") if job_id in ids)
     per_worker = [len(set(log_events(w, "completed")) & set(ids)) for w in fleet.workers]
@@ -237,7 +240,10 @@ def test_metrics_ready_and_json_logs(fleet):
     assert value(api, "fluxserve_jobs", state="COMPLETED") >= 1
 
     scraped = [samples(httpx.get(f"{w.url}/metrics")) for w in fleet.workers]
-    total = lambda name, **labels: sum(value(s, name, **labels) for s in scraped)  # noqa: E731
+
+    def total(name: str, **labels) -> float:
+        return sum(value(s, name, **labels) for s in scraped)
+
     for histogram in ("queue_wait", "inference", "encode"):
         assert total(f"fluxserve_job_{histogram}_seconds_count") >= 1
         assert any(name == f"fluxserve_job_{histogram}_seconds_bucket" for s in scraped for name, _, _ in s)

@@ -19,20 +19,11 @@ from fluxserve.services import DEMO_WARNING, Services
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or Settings()
     services = services or Services(settings)
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        services.start()
-        try:
-            yield
-        finally:
-            await anyio.to_thread.run_sync(services.stop)
-
     app = FastAPI(
         title="fluxserve",
         version=__version__,
         description="Segmind-compatible text-to-image API for FLUX models, self-hosted.",
-        lifespan=lifespan,
+        lifespan=services_lifespan(services),
     )
     app.state.services = services
     install_error_handlers(app)
@@ -46,6 +37,20 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         unknown_route
     )
     return app
+
+
+def services_lifespan(services: Services):
+    """Start the process's services with the app; stop them (draining its workers) when it shuts down."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        services.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(services.stop)
+
+    return lifespan
 
 
 async def health(request: Request) -> dict[str, Any]:

@@ -6,14 +6,11 @@ claiming and finishes the job in hand before the process exits.
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-
-import anyio
 from fastapi import FastAPI
 
 from fluxserve import __version__
 from fluxserve.api import observability
-from fluxserve.api.app import health
+from fluxserve.api.app import health, services_lifespan
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.config import Settings
 from fluxserve.services import Services
@@ -21,16 +18,8 @@ from fluxserve.services import Services
 
 def create_worker_app(settings: Settings) -> FastAPI:
     services = Services(settings.model_copy(update={"worker": True}))
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        services.start()
-        try:
-            yield
-        finally:
-            await anyio.to_thread.run_sync(services.stop)
-
-    app = FastAPI(title="fluxserve worker", version=__version__, lifespan=lifespan, openapi_url=None)
+    app = FastAPI(title="fluxserve worker", version=__version__, lifespan=services_lifespan(services),
+                  openapi_url=None)
     app.state.services = services
     install_error_handlers(app)
     app.get("/health")(health)
