@@ -43,14 +43,22 @@ class Fleet:
         self.apis = [api_replica(root / f"api{i}.log", env) for i in range(2)]
         self.workers = [worker(root / f"worker{i}.log", env) for i in range(2)]
 
-    def ensure_up(self) -> Fleet:
-        """Start whatever is not running (a drill may have killed it) and wait until all are ready."""
-        for process in self.apis + self.workers:
-            if not process.alive:
+    def need(self, apis: int = 2, workers: int = 2) -> Fleet:
+        """At least this many of each running and ready: restart what earlier drills killed, no more.
+
+        Drills run in file order and each leaves the fleet as it is, so a later drill restarts only
+        what it needs (process starts are the slow part of this module).
+        """
+        for group, wanted in ((self.apis, apis), (self.workers, workers)):
+            for process in [p for p in group if not p.alive][: max(0, wanted - len(self.alive(group)))]:
                 process.start()
-        for process in self.apis + self.workers:
+        for process in self.alive(self.apis + self.workers):
             process.wait_ready()
         return self
+
+    @staticmethod
+    def alive(group: list[FluxserveProcess]) -> list[FluxserveProcess]:
+        return [p for p in group if p.alive]
 
     def stop(self) -> None:
         for process in self.apis + self.workers:
@@ -59,7 +67,8 @@ class Fleet:
             self.redis.kill()
 
     def client(self, i: int = 0) -> httpx.Client:
-        return httpx.Client(base_url=self.apis[i].url, timeout=30)
+        """A client of the i-th running API replica."""
+        return httpx.Client(base_url=self.alive(self.apis)[i].url, timeout=30)
 
     def holder_of(self, job_id: str, timeout: float = 60) -> FluxserveProcess:
         """The worker that claimed the job (from its JSON log)."""
@@ -107,12 +116,13 @@ def fleet(request, tmp_path_factory, tiny_model):
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     try:
-        yield fleet.ensure_up()
+        yield fleet.need()
     finally:
         fleet.stop()
 
 
 def test_two_workers_race_and_each_job_completes_once(fleet):
+    fleet.need(apis=2, workers=2)
     started = time.monotonic()
     clients = [fleet.client(0), fleet.client(1)]
     ids = [submit(clients[i % 2], f"race {i}", seed=i, **SMALL) for i in range(8)]
@@ -128,31 +138,53 @@ def test_two_workers_race_and_each_job_completes_once(fleet):
     assert all(result["metrics"]["attempts"] == 1 for result in results)
 
 
-def test_worker_killed_mid_job_is_reclaimed_with_identical_bytes(fleet):
+def test_metrics_ready_and_json_logs(fleet):
+    fleet.need(apis=1, workers=2)
     client = fleet.client(0)
-    body = dict(seed=4242, **LONG)
-    job_id = submit(client, "reclaimed after a crash", **body)
-    holder = fleet.holder_of(job_id)
-    assert wait_status(client, job_id, states=("PROCESSING",))["status"] == "PROCESSING"
-    holder.kill()
-    killed_at = time.monotonic()
-    result = completed_result(client, job_id)
-    reclaimed_in = time.monotonic() - killed_at
-    assert result["metrics"]["attempts"] == 2  # the kill really interrupted it
-    survivor = next(w for w in fleet.workers if w is not holder)
-    assert job_id in log_events(survivor, "completed")
+    job_id = submit(client, "observed", **SMALL)
+    completed_result(client, job_id)
+    assert client.get("/ready").json() == {"status": "ready", "store": "ok"}
+    workers = fleet.alive(fleet.workers)
+    assert all(httpx.get(f"{w.url}/ready").json()["engine"] == "ready" for w in workers)
 
-    undisturbed = completed_result(client, submit(client, "reclaimed after a crash", **body))
-    assert undisturbed["metrics"]["attempts"] == 1
-    crashed_bytes, clean_bytes = media(client, result), media(client, undisturbed)
-    print(f"\n[{fleet.backend}] worker SIGKILL mid-job: completed {reclaimed_in:.1f}s after the kill "
-          f"(lease {LEASE_SECONDS}s), attempts 2, {len(crashed_bytes)} bytes identical to an undisturbed run: "
-          f"{crashed_bytes == clean_bytes}")
-    assert crashed_bytes == clean_bytes
-    fleet.ensure_up()
+    api = samples(client.get("/metrics"))
+    assert {labels["state"] for name, labels, _ in api if name == "fluxserve_jobs"} == {
+        "QUEUED", "PROCESSING", "COMPLETED", "FAILED"}
+    assert value(api, "fluxserve_jobs", state="COMPLETED") >= 1
+
+    scraped = [samples(httpx.get(f"{w.url}/metrics")) for w in workers]
+
+    def total(name: str, **labels) -> float:
+        return sum(value(s, name, **labels) for s in scraped)
+
+    for histogram in ("queue_wait", "inference", "encode"):
+        assert total(f"fluxserve_job_{histogram}_seconds_count") >= 1
+        assert any(name == f"fluxserve_job_{histogram}_seconds_bucket" for s in scraped for name, _, _ in s)
+    assert total("fluxserve_jobs_finished_total", state="COMPLETED") >= 1
+    assert total("fluxserve_worker_heartbeats_total") >= 1
+    heartbeats = [v for s in scraped for name, _, v in s if name == "fluxserve_worker_last_heartbeat_timestamp_seconds"]
+    assert len(heartbeats) == len(workers) and all(time.time() - beat < 60 for beat in heartbeats)
+
+    api_log = fleet.alive(fleet.apis)[0].log()
+    records = [json.loads(line) for line in api_log.splitlines() if line.startswith("{")]
+    assert any(r.get("job_id") == job_id and r.get("request_id") for r in records)
+    print(f"\n[{fleet.backend}] /metrics: {len(api)} API samples, {sum(map(len, scraped))} worker samples; "
+          f"queue depth {[(labels['state'], v) for name, labels, v in api if name == 'fluxserve_jobs']}")
+
+
+def samples(response: httpx.Response) -> list[tuple[str, dict, float]]:
+    assert response.status_code == 200
+    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(response.text)
+            for s in family.samples]
+
+
+def value(scraped: list[tuple[str, dict, float]], name: str, **labels) -> float:
+    return sum(v for n, ls, v in scraped if n == name and all(ls.get(k) == x for k, x in labels.items()))
 
 
 def test_api_replica_killed_while_clients_submit_loses_no_accepted_job(fleet):
+    fleet.need(apis=2, workers=1)
+    victim, survivor = fleet.alive(fleet.apis)[:2]
     accepted: list[str] = []
     refused = 0
     lock = threading.Lock()
@@ -177,18 +209,42 @@ def test_api_replica_killed_while_clients_submit_loses_no_accepted_job(fleet):
     deadline = time.monotonic() + 60
     while len(accepted) < 6 and time.monotonic() < deadline:
         time.sleep(0.01)
-    fleet.apis[0].kill()
+    victim.kill()
     for thread in threads:
         thread.join()
-    with fleet.client(1) as survivor:
-        results = [completed_result(survivor, job_id) for job_id in accepted]
+    with httpx.Client(base_url=survivor.url, timeout=30) as client:
+        results = [completed_result(client, job_id) for job_id in accepted]
     print(f"\n[{fleet.backend}] API replica SIGKILL under 4 clients: {len(accepted)} submits got a request_id, "
           f"{refused} refused by the dead replica, {len(results)}/{len(accepted)} COMPLETED")
     assert refused > 0 and len(results) == len(accepted)
-    fleet.ensure_up()
+
+
+def test_worker_killed_mid_job_is_reclaimed_with_identical_bytes(fleet):
+    fleet.need(apis=1, workers=2)
+    client = fleet.client(0)
+    body = dict(seed=4242, **LONG)
+    job_id = submit(client, "reclaimed after a crash", **body)
+    holder = fleet.holder_of(job_id)
+    assert wait_status(client, job_id, states=("PROCESSING",))["status"] == "PROCESSING"
+    holder.kill()
+    killed_at = time.monotonic()
+    result = completed_result(client, job_id)
+    reclaimed_in = time.monotonic() - killed_at
+    assert result["metrics"]["attempts"] == 2  # the kill really interrupted it
+    (survivor,) = fleet.alive(fleet.workers)
+    assert job_id in log_events(survivor, "completed")
+
+    undisturbed = completed_result(client, submit(client, "reclaimed after a crash", **body))
+    assert undisturbed["metrics"]["attempts"] == 1
+    crashed_bytes, clean_bytes = media(client, result), media(client, undisturbed)
+    print(f"\n[{fleet.backend}] worker SIGKILL mid-job: completed {reclaimed_in:.1f}s after the kill "
+          f"(lease {LEASE_SECONDS}s), attempts 2, {len(crashed_bytes)} bytes identical to an undisturbed run: "
+          f"{crashed_bytes == clean_bytes}")
+    assert crashed_bytes == clean_bytes
 
 
 def test_sigterm_drains_the_worker(fleet):
+    fleet.need(apis=1, workers=1)
     client = fleet.client(0)
     job_id = submit(client, "drained, not dropped", seed=9, **LONG)
     holder = fleet.holder_of(job_id)
@@ -201,13 +257,13 @@ def test_sigterm_drains_the_worker(fleet):
     # uvicorn re-raises the SIGTERM once it has shut down cleanly, so the exit status names the signal.
     assert exit_code in (0, -signal.SIGTERM) and "Application shutdown complete" in holder.log()
     assert result["metrics"]["attempts"] == 1 and job_id in log_events(holder, "completed")
-    fleet.ensure_up()
 
 
 def test_redis_restart_keeps_queued_jobs(fleet):
     if fleet.backend != "redis":
         pytest.skip("a Redis restart applies to the Redis store only")
-    for process in fleet.workers:
+    fleet.need(apis=1, workers=0)
+    for process in fleet.alive(fleet.workers):
         process.terminate()  # nobody takes the jobs while Redis restarts
     client = fleet.client(0)
     ids = [submit(client, f"survives a restart {i}", seed=i, **SMALL) for i in range(3)]
@@ -221,51 +277,10 @@ def test_redis_restart_keeps_queued_jobs(fleet):
         time.sleep(0.2)
     positions = [client.get(f"/v2/requests/{job_id}/status").json().get("queue_position") for job_id in ids]
     assert positions == [0, 1, 2]
-    fleet.ensure_up()
+    fleet.need(apis=1, workers=1)
     results = [completed_result(client, job_id) for job_id in ids]
     print(f"\n[redis] Redis SIGKILL + restart with 3 queued jobs: positions after restart {positions}, "
-          f"{len(results)}/3 COMPLETED once workers came back")
-
-
-def test_metrics_ready_and_json_logs(fleet):
-    client = fleet.client(0)
-    job_id = submit(client, "observed", **SMALL)
-    completed_result(client, job_id)
-    assert client.get("/ready").json() == {"status": "ready", "store": "ok"}
-    assert httpx.get(f"{fleet.workers[0].url}/ready").json()["engine"] == "ready"
-
-    api = samples(client.get("/metrics"))
-    assert {labels["state"] for name, labels, _ in api if name == "fluxserve_jobs"} == {
-        "QUEUED", "PROCESSING", "COMPLETED", "FAILED"}
-    assert value(api, "fluxserve_jobs", state="COMPLETED") >= 1
-
-    scraped = [samples(httpx.get(f"{w.url}/metrics")) for w in fleet.workers]
-
-    def total(name: str, **labels) -> float:
-        return sum(value(s, name, **labels) for s in scraped)
-
-    for histogram in ("queue_wait", "inference", "encode"):
-        assert total(f"fluxserve_job_{histogram}_seconds_count") >= 1
-        assert any(name == f"fluxserve_job_{histogram}_seconds_bucket" for s in scraped for name, _, _ in s)
-    assert total("fluxserve_jobs_finished_total", state="COMPLETED") >= 1
-    assert total("fluxserve_worker_heartbeats_total") >= 1
-    heartbeats = [v for s in scraped for name, _, v in s if name == "fluxserve_worker_last_heartbeat_timestamp_seconds"]
-    assert len(heartbeats) == 2 and all(time.time() - beat < 60 for beat in heartbeats)
-
-    records = [json.loads(line) for line in fleet.apis[0].log().splitlines() if line.startswith("{")]
-    assert any(r.get("job_id") == job_id and r.get("request_id") for r in records)
-    print(f"\n[{fleet.backend}] /metrics: {len(api)} API samples, {sum(map(len, scraped))} worker samples; "
-          f"queue depth {[(labels['state'], v) for name, labels, v in api if name == 'fluxserve_jobs']}")
-
-
-def samples(response: httpx.Response) -> list[tuple[str, dict, float]]:
-    assert response.status_code == 200
-    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(response.text)
-            for s in family.samples]
-
-
-def value(scraped: list[tuple[str, dict, float]], name: str, **labels) -> float:
-    return sum(v for n, ls, v in scraped if n == name and all(ls.get(k) == x for k, x in labels.items()))
+          f"{len(results)}/3 COMPLETED once a worker came back")
 
 
 def test_ready_reports_what_is_missing(tmp_path):
