@@ -1,8 +1,7 @@
-"""`fluxserve serve | tiny-model | generate`."""
+"""`fluxserve serve | worker | tiny-model | generate`."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,13 +9,10 @@ import typer
 
 from fluxserve.accounts.cli import keys_app
 from fluxserve.config import Settings
+from fluxserve.logs import configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-hosted FLUX text-to-image API.")
 app.add_typer(keys_app, name="keys")
-
-
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def settings_with(**overrides) -> Settings:
@@ -30,25 +26,49 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="Port [env FLUXSERVE_PORT]")] = None,
     model: Annotated[Optional[str], typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Jobs and outputs live here [env FLUXSERVE_DATA_DIR]")] = None,
+    worker: Annotated[
+        Optional[bool], typer.Option("--worker/--no-worker", help="Run jobs in this process [env FLUXSERVE_WORKER]")
+    ] = None,
     auth: Annotated[Optional[str], typer.Option(help="API keys: required | off | auto [env FLUXSERVE_AUTH]")] = None,
 ) -> None:
-    """Start the API (with an embedded worker unless FLUXSERVE_WORKER=false)."""
-    import uvicorn
-
+    """Start the API (with an embedded worker unless --no-worker / FLUXSERVE_WORKER=false)."""
     from fluxserve.accounts.access import Access
     from fluxserve.api import create_app
 
     if auth not in (None, "required", "off", "auto"):
         raise typer.BadParameter("--auth must be required, off or auto")
-    configure_logging()
-    settings = settings_with(host=host, port=port, model=model, data_dir=data_dir, auth=auth)
+    settings = settings_with(host=host, port=port, model=model, data_dir=data_dir, worker=worker, auth=auth)
     access = Access.open(settings)
     refusal = access.refusal()
     access.close()
     if refusal:
         typer.echo(refusal, err=True)
         raise typer.Exit(2)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    run_http(create_app(settings), settings)
+
+
+@app.command("worker")
+def worker_command(
+    concurrency: Annotated[Optional[int], typer.Option(help="Jobs run side by side [env FLUXSERVE_WORKER_CONCURRENCY]")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated slugs to claim [env FLUXSERVE_WORKER_MODELS]")] = None,
+    model: Annotated[Optional[str], typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address of /health, /ready, /metrics [env FLUXSERVE_HOST]")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port of /health, /ready, /metrics [env FLUXSERVE_PORT]")] = None,
+) -> None:
+    """Claim and run jobs from the shared store (FLUXSERVE_STORE); SIGTERM drains: the job in hand finishes."""
+    from fluxserve.api.worker_app import create_worker_app
+
+    settings = settings_with(worker_concurrency=concurrency, worker_models=models, model=model, host=host,
+                             port=port)
+    run_http(create_worker_app(settings), settings)
+
+
+def run_http(asgi_app, settings: Settings) -> None:
+    import uvicorn
+
+    configure_logging(settings.log_level, settings.log_format)
+    # log_config=None: uvicorn logs through our handler; the access log is ours (with request ids).
+    uvicorn.run(asgi_app, host=settings.host, port=settings.port, log_config=None, access_log=False)
 
 
 @app.command("tiny-model")

@@ -56,6 +56,23 @@ class Settings(BaseSettings):
     webhook_poll_seconds: float = Field(0.5, gt=0)
     previews: bool = True  # low-resolution latent previews in progress reports
 
+    # Fleet: shared stores, separate API and worker processes, observability.
+    # Key prefix in Redis (job store and output store), so several deployments can share one server.
+    redis_prefix: str = "fluxserve"
+    # Output media: unset = files under data_dir; `redis://...`; `s3://bucket/prefix` (S3-compatible).
+    output_store: str | None = None
+    s3_endpoint_url: str | None = None  # e.g. a MinIO URL; unset = AWS
+    s3_region: str | None = None
+    s3_presign_seconds: int = Field(0, ge=0)  # > 0: media URLs redirect to pre-signed links
+    worker_concurrency: int = Field(1, ge=1)  # jobs one worker process runs side by side
+    worker_models: str | None = None  # comma-separated slugs this worker claims; unset = `slug`
+    log_format: str = Field("json", pattern="^(json|text)$")
+    log_level: str = "INFO"
+
+    @property
+    def worker_slugs(self) -> list[str]:
+        return [s.strip() for s in (self.worker_models or self.slug).split(",") if s.strip()]
+
     # Fault injection for tests and drills, e.g. "engine_error_on=<substring of a prompt>". Off by default.
     faults: str = ""
 

@@ -14,6 +14,7 @@ from fluxserve.engine import Engine, load_engine
 from fluxserve.faults import Faults
 from fluxserve.jobs import JobStore
 from fluxserve.jobs.sqlite import SqliteJobStore
+from fluxserve.metrics import Metrics
 from fluxserve.outputs import OutputStore
 from fluxserve.outputs.local import LocalOutputStore
 from fluxserve.webhooks.delivery import WebhookSender
@@ -29,6 +30,9 @@ DEMO_WARNING = (
 )
 
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def open_store(settings: Settings) -> JobStore:
     url = settings.store
     if url is None or url.startswith("sqlite://"):
@@ -39,10 +43,34 @@ def open_store(settings: Settings) -> JobStore:
             max_attempts=settings.max_attempts,
             retention_seconds=settings.retention_seconds,
         )
-    raise ValueError(f"Unsupported job store URL: {url!r} (use sqlite:///path/to/file)")
+    if url.startswith(_REDIS_SCHEMES):
+        from fluxserve.jobs.redis import RedisJobStore
+
+        return RedisJobStore.from_url(
+            url,
+            prefix=settings.redis_prefix,
+            lease_seconds=settings.lease_seconds,
+            max_attempts=settings.max_attempts,
+            retention_seconds=settings.retention_seconds,
+        )
+    raise ValueError(f"Unsupported job store URL: {url!r} (use sqlite:///path/to/file or redis://host:port/db)")
 
 
 def open_outputs(settings: Settings) -> OutputStore:
+    url = settings.output_store
+    if url and url.startswith(_REDIS_SCHEMES):
+        from fluxserve.outputs.redis import RedisOutputStore
+
+        # Outlives its job's record by a margin; the janitor normally deletes it first.
+        return RedisOutputStore.from_url(url, prefix=settings.redis_prefix,
+                                         ttl_seconds=settings.retention_seconds + 3600)
+    if url and url.startswith("s3://"):
+        from fluxserve.outputs.s3 import S3OutputStore
+
+        return S3OutputStore.from_url(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+                                      presign_seconds=settings.s3_presign_seconds)
+    if url:
+        raise ValueError(f"Unsupported output store URL: {url!r} (use redis://... or s3://bucket/prefix)")
     return LocalOutputStore(settings.outputs_dir)
 
 
@@ -69,6 +97,9 @@ class Services:
         self.webhooks = OwnerWebhooks(settings)
         self.deadlines = DeadlineWatcher(self.store)
         self.webhook_sender = WebhookSender.from_settings(self.store, self.webhooks, settings)
+        self.workers: list[Worker] = []
+        self.metrics = Metrics()
+        self.metrics.watch_store(self.store.count_by_state)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -84,11 +115,23 @@ class Services:
         self.webhook_sender.start()
         if self.settings.worker:
             self._spawn(self._load_and_work, "engine-loader")
+        else:
+            self.engine.state = "external"  # `fluxserve worker` processes run the model
+
+    def readiness(self) -> dict[str, str]:
+        """What must be up before this process takes traffic: the store, and the model if it runs jobs."""
+        checks = {"store": "ok" if self.store.ping() else "unreachable"}
+        if self.settings.worker:
+            checks["engine"] = self.engine.state
+        return checks
 
     def stop(self) -> None:
         self._stop.set()
-        if self.worker is not None:
-            self.worker.stop()
+        # Drain: every worker stops claiming at once, then each finishes the job in hand.
+        for worker in self.workers:
+            worker.stop(timeout=0)
+        for worker in self.workers:
+            worker.stop()
         self.webhook_sender.stop()
         self.deadlines.stop()
         for thread in self._threads:
@@ -114,17 +157,21 @@ class Services:
         self.engine.ready.set()
         if self._stop.is_set():
             return
-        self.worker = Worker(
-            self.store,
-            self.outputs,
-            engine,
-            lease_seconds=self.settings.lease_seconds,
-            slugs=[self.settings.slug],
-            faults=self.faults,
-            on_finished=self.settle,
-            previews=self.settings.previews,
-        )
-        self.worker.start()
+        for _ in range(self.settings.worker_concurrency):
+            worker = Worker(
+                self.store,
+                self.outputs,
+                engine,
+                lease_seconds=self.settings.lease_seconds,
+                slugs=self.settings.worker_slugs,
+                faults=self.faults,
+                metrics=self.metrics,
+                on_finished=self.settle,
+                previews=self.settings.previews,
+            )
+            self.workers.append(worker)
+            worker.start()
+        self.worker = self.workers[0]
 
     def _janitor(self) -> None:
         while not self._stop.wait(self.settings.janitor_interval_seconds):

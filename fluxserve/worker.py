@@ -6,6 +6,7 @@ process; `fluxserve worker` runs the same loop on its own.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -20,6 +21,8 @@ from fluxserve.encode import encode_image
 from fluxserve.engine import Engine, GenerationCancelled, GenerationParams
 from fluxserve.faults import Faults
 from fluxserve.jobs import Job, JobStore, Lease
+from fluxserve.logs import log_context
+from fluxserve.metrics import Metrics
 from fluxserve.outputs import OutputStore
 from fluxserve.progress import ProgressReporter
 
@@ -37,10 +40,11 @@ def output_key(job: Job) -> str:
 class LeaseKeeper:
     """Renews a lease in the background; `lost` is set once the store says it is no longer ours."""
 
-    def __init__(self, store: JobStore, lease: Lease, interval: float) -> None:
+    def __init__(self, store: JobStore, lease: Lease, interval: float, on_renewed=None) -> None:
         self.store = store
         self.lease = lease
         self.interval = interval
+        self.on_renewed = on_renewed or (lambda: None)
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{lease.job_id[:8]}", daemon=True)
@@ -60,6 +64,7 @@ class LeaseKeeper:
                     log.warning("lease on job %s was lost; abandoning it", self.lease.job_id)
                     self.lost.set()
                     return
+                self.on_renewed()
             except Exception:  # a store hiccup: keep trying until the lease itself lapses
                 log.exception("heartbeat for job %s failed", self.lease.job_id)
 
@@ -78,6 +83,7 @@ class Worker:
         worker_id: str | None = None,
         on_finished: Callable[[str], None] | None = None,
         previews: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.outputs = outputs
@@ -90,6 +96,7 @@ class Worker:
         # Called with the job id once the job is COMPLETED or FAILED (credits are settled there).
         self.on_finished = on_finished
         self.previews = previews
+        self.metrics = metrics or Metrics()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -108,6 +115,7 @@ class Worker:
     def run_forever(self) -> None:
         log.info("worker %s started", self.worker_id)
         while not self._stopping.is_set():
+            self.metrics.heartbeat(self.worker_id)
             try:
                 if not self.run_once():
                     self._stopping.wait(self.idle_poll_seconds)
@@ -121,29 +129,36 @@ class Worker:
         claimed = self.store.claim(self.worker_id, self.slugs)
         if claimed is None:
             return False
-        self.process(*claimed)
+        with log_context(job_id=claimed[0].id, worker=self.worker_id):
+            self.process(*claimed)
         return True
 
     # -- one job -------------------------------------------------------------------------------
 
     def process(self, job: Job, lease: Lease) -> None:
         log.info("job %s claimed (attempt %d)", job.id, job.attempts)
-        with LeaseKeeper(self.store, lease, interval=self.lease_seconds / 3) as keeper:
+        renewed = functools.partial(self.metrics.heartbeat, self.worker_id)
+        with LeaseKeeper(self.store, lease, interval=self.lease_seconds / 3, on_renewed=renewed) as keeper:
             try:
                 result = self._generate(job, keeper)
             except GenerationCancelled:
-                return  # cancelled, or the lease is gone (another worker owns the job now)
+                # Cancelled (the API already ended it FAILED) or the lease is gone (another worker owns it).
+                self.metrics.job_ended("abandoned")
+                return
             except Exception as exc:
                 log.exception("job %s failed", job.id)
                 if self.store.fail(lease, f"Generation failed: {type(exc).__name__}: {exc}"):
+                    self.metrics.job_ended("FAILED")
                     self._finished(job.id)
                 return
         if not self.store.complete(lease, result):
             log.warning("job %s finished after its lease was lost; result discarded", job.id)
+            self.metrics.job_ended("abandoned")
             current = self.store.get(job.id)
             if current is not None and current.state is JobState.FAILED:  # cancelled at the last moment
                 self.outputs.delete(result["output_key"])
             return
+        self.metrics.job_completed(result)
         self._finished(job.id)
         log.info("job %s completed in %.2fs", job.id, result["metrics"]["inference_time"])
 

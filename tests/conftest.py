@@ -115,3 +115,22 @@ def wait_status(client: httpx.Client, request_id: str, states=("COMPLETED", "FAI
             return body
         time.sleep(0.1)
     raise TimeoutError(f"{request_id} not in {states} after {timeout}s: {body}")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A Redis for the tests: the one on 127.0.0.1:6379 when it answers, else one started here.
+
+    Tests isolate themselves with a fresh key prefix (never a FLUSHDB), so sharing a server is safe.
+    """
+    from fluxserve.fleet import RedisServer, redis_answers
+
+    if redis_answers("redis://127.0.0.1:6379/0"):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    try:
+        server = RedisServer(tmp_path_factory.mktemp("redis"), persistent=False).start()
+    except FileNotFoundError:
+        pytest.skip("no Redis on 127.0.0.1:6379 and no redis-server to start")
+    yield server.url
+    server.kill()

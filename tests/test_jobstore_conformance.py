@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -22,19 +23,28 @@ from fluxserve.jobs.sqlite import SqliteJobStore
 LEASE = 0.6
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "redis"])
 def make_store(request, tmp_path):
     """A factory, so a test can open a second handle on the same backend (another 'process')."""
     opened = []
+    prefix = f"test-{uuid.uuid4().hex[:12]}"  # Redis: a fresh key space per test
 
     def make(**overrides):
         options = dict(lease_seconds=LEASE, max_attempts=2, retention_seconds=30.0) | overrides
         if request.param == "sqlite":
             store = SqliteJobStore(tmp_path / "jobs.sqlite3", **options)
+        elif request.param == "redis":
+            from fluxserve.jobs.redis import RedisJobStore
+
+            store = RedisJobStore.from_url(request.getfixturevalue("redis_url"), prefix=prefix, **options)
         opened.append(store)
         return store
 
     yield make
+    if request.param == "redis" and opened:
+        client = opened[0].client
+        for key in client.scan_iter(f"{prefix}:*", count=500):
+            client.delete(key)
     for store in opened:
         store.close()
 
@@ -366,3 +376,37 @@ def test_deliveries_go_with_their_job(make_store):
     assert [j.id for j in store.purge_expired()] == [job.id]
     assert store.deliveries(job.id) == []
     assert store.claim_delivery("d") is None
+
+
+def test_claim_without_filter_takes_the_oldest_of_any_model(store):
+    first = submit(store, slug="b")
+    second = submit(store, slug="a")
+    assert [store.claim("w")[0].id, store.claim("w")[0].id] == [first.id, second.id]
+
+
+def test_reclaimed_job_keeps_its_place_in_line(store):
+    early = submit(store)
+    late = submit(store)
+    store.claim("w1")
+    time.sleep(LEASE + 0.1)
+    assert store.claim("w2")[0].id == early.id
+    assert store.claim("w2")[0].id == late.id
+
+
+def test_count_by_state(store):
+    for _ in range(3):
+        submit(store)
+    _, lease = store.claim("w")
+    store.complete(lease, {})
+    _, lease = store.claim("w")
+    nonzero = {state: n for state, n in store.count_by_state().items() if n}
+    assert nonzero == {"QUEUED": 1, "PROCESSING": 1, "COMPLETED": 1}
+
+
+def test_wait_terminal_wakes_on_an_end_made_by_another_handle(make_store):
+    api, worker = make_store(), make_store()  # e.g. an API replica and a worker on another host
+    job = submit(api)
+    _, lease = worker.claim("w")
+    threading.Timer(0.3, worker.fail, args=(lease, "boom")).start()
+    ended = api.wait_terminal(job.id, timeout=10)
+    assert ended.state is JobState.FAILED and ended.error == "boom"

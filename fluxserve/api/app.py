@@ -9,7 +9,7 @@ import anyio
 from fastapi import FastAPI, Request
 
 from fluxserve import __version__
-from fluxserve.api import account, control, generate, playground, requests
+from fluxserve.api import account, control, generate, observability, playground, requests
 from fluxserve.api.common import services_of
 from fluxserve.api.errors import ApiError, install_error_handlers, not_found
 from fluxserve.config import Settings
@@ -19,24 +19,17 @@ from fluxserve.services import DEMO_WARNING, Services
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or Settings()
     services = services or Services(settings)
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        services.start()
-        try:
-            yield
-        finally:
-            await anyio.to_thread.run_sync(services.stop)
-
     app = FastAPI(
         title="fluxserve",
         version=__version__,
         description="Segmind-compatible text-to-image API for FLUX models, self-hosted.",
-        lifespan=lifespan,
+        lifespan=services_lifespan(services),
     )
     app.state.services = services
     install_error_handlers(app)
     app.get("/health", tags=["service"])(health)
+    app.include_router(observability.router)
+    app.add_middleware(observability.RequestContext)
     app.include_router(generate.router(settings.slug))
     app.include_router(requests.router)
     app.include_router(account.router)
@@ -47,6 +40,20 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         unknown_route
     )
     return app
+
+
+def services_lifespan(services: Services):
+    """Start the process's services with the app; stop them (draining its workers) when it shuts down."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        services.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(services.stop)
+
+    return lifespan
 
 
 async def health(request: Request) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from fluxserve.api.auth import authenticate, authorize_job, has_media_signature,
 from fluxserve.api.errors import bad_request, not_found
 from fluxserve.contract import GenerateRequest, RequestError, parse_request
 from fluxserve.jobs import Job
+from fluxserve.logs import annotate
 from fluxserve.results import failed_body, media_url_at, result_body_at
 from fluxserve.services import Services
 
@@ -71,6 +72,7 @@ async def read_json_body(request: Request) -> object:
 async def load_job(request: Request, job_id: str, *, signed_link: bool = False) -> Job:
     """The job, if the caller may see it (its owner; or anyone holding a signed media link)."""
     caller = None if signed_link and has_media_signature(request, job_id) else await authenticate(request)
+    annotate(job_id=job_id)
     job = await anyio.to_thread.run_sync(services_of(request).store.get, job_id)
     if job is None:
         raise not_found(f"Request {job_id} not found (unknown or expired)")

@@ -23,6 +23,7 @@ from fluxserve.api.errors import ApiError, not_found
 from fluxserve.api.submission import SUBMIT_HEADERS_DOC, store_job, submit_body_schema, take_submit_options
 from fluxserve.contract import MEDIA_TYPES, JobState
 from fluxserve.jobs import Job, new_job_id
+from fluxserve.logs import annotate
 
 # v1 callers each hold a thread while they wait for their job; keep them off FastAPI's own pool.
 _SYNC_WAITERS = anyio.CapacityLimiter(1000)
@@ -47,6 +48,7 @@ async def submit(request: Request) -> Job:
         raise ApiError(502, f"The model is not available: {services.engine.error}")
     job = Job(id=new_job_id(), slug=services.settings.slug, params=params.with_resolved_seed().model_dump(),
               owner=caller.account_id)
+    annotate(job_id=job.id)
     return await admit(request, caller, job, options)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 
 from fluxserve.api.common import failed_response, load_job, result_body, services_of
 from fluxserve.api.errors import not_found
@@ -52,7 +52,11 @@ async def media(request: Request, key: str) -> Response:
     job = await load_job(request, key.partition(".")[0], signed_link=True)
     if job.result.get("output_key") != key:
         raise not_found("Media not found")
-    data = await anyio.to_thread.run_sync(services_of(request).outputs.get, key)
+    outputs = services_of(request).outputs
+    link = getattr(outputs, "link", None)  # stores that can hand out pre-signed links
+    if link is not None and (url := await anyio.to_thread.run_sync(link, key)):
+        return RedirectResponse(url, status_code=307)
+    data = await anyio.to_thread.run_sync(outputs.get, key)
     if data is None:
         raise not_found("Media not found")
     return Response(data, media_type=job.result["media_type"], headers={"Cache-Control": "private, max-age=3600"})

@@ -110,6 +110,10 @@ def load_engine(settings) -> Engine:
     """The engine for the configured model (building the tiny demo model when none is configured)."""
     from fluxserve.engine.loading import ModelSource, load_pipeline, resolve_device_and_dtype
 
+    if settings.model and settings.model.startswith("fake-sleep:"):  # load tests of the queue alone
+        from fluxserve.engine.fake import SleepingEngine
+
+        return SleepingEngine.from_spec(settings.model)
     model = settings.model or str(ensure_demo_model(settings))
     source = ModelSource.parse(model, settings.base_model)
     device, dtype = resolve_device_and_dtype(settings.device, settings.dtype)

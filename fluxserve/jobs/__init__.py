@@ -156,6 +156,9 @@ class JobStore(Protocol):
     def deliveries(self, job_id: str) -> list[Delivery]:
         """The job's deliveries, oldest first."""
 
+    def count_by_state(self) -> dict[str, int]:
+        """How many jobs are in each state (ended ones until they expire), for metrics."""
+
     def ping(self) -> bool:
         """True when the store answers."""
 

@@ -322,6 +322,13 @@ class SqliteJobStore:
         ).fetchall()
         return [_delivery_from_row(row) for row in rows]
 
+    def count_by_state(self) -> dict[str, int]:
+        rows = self._db().execute(
+            "SELECT state, COUNT(*) FROM jobs WHERE expires_at IS NULL OR expires_at > ? GROUP BY state",
+            (time.time(),),
+        ).fetchall()
+        return {state: count for state, count in rows}
+
     def ping(self) -> bool:
         try:
             self._db().execute("SELECT 1").fetchone()

@@ -1,0 +1,252 @@
+"""The fleet JobStore on Redis: API replicas and workers on many hosts share one queue.
+
+Each transition is one Lua script (see `redis_scripts` for them and for the key layout), so it is
+atomic on the server: two claimers never lease the same job, and a heartbeat or a result carrying a
+stale lease token changes nothing. A job's record is a hash with one JSON value per Job field, written
+and read generically, so fields added to Job travel without changes here.
+
+Waiting for a job to end does not poll: the script that ends a job publishes its id, and one pub/sub
+connection per store wakes the threads waiting on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from fluxserve.contract import JobState
+from fluxserve.jobs import Job, Lease
+from fluxserve.jobs import redis_scripts as scripts
+
+log = logging.getLogger(__name__)
+
+# A waiter re-reads the record this often even without a message: a safety net for a message missed
+# while the pub/sub connection was being re-established, not the way waiters normally wake.
+_RECHECK_SECONDS = 5.0
+_PURGE_BATCH = 500
+
+
+class RedisJobStore:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "fluxserve",
+        lease_seconds: float = 30.0,
+        max_attempts: int = 3,
+        retention_seconds: float = 3600.0,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.retention_seconds = retention_seconds
+        self._scripts = {
+            name: client.register_script(scripts.PRELUDE + getattr(scripts, name))
+            for name in ("SUBMIT", "GET", "POSITION", "CLAIM", "HEARTBEAT", "FINISH", "PURGE_EXPIRED",
+                         "COUNT_BY_STATE")
+        }
+        self._ended = _EndedListener(client, f"{prefix}:ended")
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisJobStore:
+        return cls(connect(url, decode_responses=True), **options)
+
+    def _run(self, name: str, *args: Any) -> Any:
+        return self._scripts[name](args=[self.prefix, *args])
+
+    # -- the protocol --------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        job.state = JobState.QUEUED
+        fields = [item for name_value in _encode(job).items() for item in name_value]
+        created = self._run("SUBMIT", job.id, job.slug, repr(job.created_at) if job.created_at else "", *fields)
+        job.created_at = float(created)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        record = self._run("GET", job_id)
+        return _decode(record) if record else None
+
+    def queue_position(self, job_id: str) -> int | None:
+        return self._run("POSITION", job_id)
+
+    def claim(self, worker_id: str, slugs: list[str] | None = None) -> tuple[Job, Lease] | None:
+        token = f"{worker_id}:{uuid.uuid4().hex}"
+        exhausted = (f"The worker running this job stopped responding {self.max_attempts} time(s); "
+                     "giving up")
+        record = self._run("CLAIM", json.dumps(token), self.lease_seconds, self.max_attempts,
+                           self.retention_seconds, json.dumps(exhausted), *(slugs or []))
+        if not record:
+            return None
+        job = _decode(record)
+        return job, Lease(job.id, token)
+
+    def heartbeat(self, lease: Lease) -> bool:
+        return self._run("HEARTBEAT", lease.job_id, json.dumps(lease.token), self.lease_seconds) == 1
+
+    def complete(self, lease: Lease, result: dict[str, Any]) -> bool:
+        return self._finish(lease, JobState.COMPLETED, result=result, error=None)
+
+    def fail(self, lease: Lease, error: str) -> bool:
+        return self._finish(lease, JobState.FAILED, result={}, error=error)
+
+    def _finish(self, lease: Lease, state: JobState, *, result: dict[str, Any], error: str | None) -> bool:
+        return self._run("FINISH", lease.job_id, json.dumps(lease.token), state.value, json.dumps(result),
+                         json.dumps(error), self.retention_seconds) == 1
+
+    def wait_terminal(self, job_id: str, timeout: float) -> Job | None:
+        deadline = time.monotonic() + timeout
+        with self._ended.watch(job_id) as ended:
+            while True:
+                job = self.get(job_id)
+                remaining = deadline - time.monotonic()
+                if job is None or job.state.terminal or remaining <= 0:
+                    return job
+                ended.wait(min(remaining, _RECHECK_SECONDS))
+                ended.clear()
+
+    def purge_expired(self) -> list[Job]:
+        purged: list[Job] = []
+        while True:
+            batch = self._run("PURGE_EXPIRED", _PURGE_BATCH)
+            purged += [_decode(record) for record in batch]
+            if len(batch) < _PURGE_BATCH:
+                return purged
+
+    def count_by_state(self) -> dict[str, int]:
+        flat = self._run("COUNT_BY_STATE")
+        return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except redis.RedisError:
+            return False
+
+    def close(self) -> None:
+        self._ended.close()
+        self.client.close()
+
+
+def connect(url: str, **options: Any) -> redis.Redis:
+    """A client that rides out a Redis restart: broken connections are retried for a few seconds."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        **options,
+    )
+
+
+# -- the record: one hash field per Job field, each value JSON ---------------------------------------
+
+_JOB_FIELDS = dataclasses.fields(Job)
+
+
+def _encode(job: Job) -> dict[str, str]:
+    return {f.name: json.dumps(_plain(getattr(job, f.name))) for f in _JOB_FIELDS}
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _decode(flat: list[str]) -> Job:
+    raw = dict(zip(flat[::2], flat[1::2]))
+    values: dict[str, Any] = {}
+    for f in _JOB_FIELDS:
+        if f.name in raw:
+            value = json.loads(raw[f.name])
+            # Enum fields (the state) come back as their value; rebuild them from the default's type.
+            values[f.name] = type(f.default)(value) if isinstance(f.default, enum.Enum) else value
+    return Job(**values)
+
+
+# -- waking waiters ------------------------------------------------------------------------------------
+
+
+class _EndedListener:
+    """One pub/sub subscription per store; wakes the threads waiting for the jobs it hears end."""
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self.client = client
+        self.channel = channel
+        self._waiters: dict[str, set[threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._subscribed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, job_id: str) -> Iterator[threading.Event]:
+        """An event set when `job_id` ends; registered before the caller reads the record, so no end is missed."""
+        self._ensure_started()
+        event = threading.Event()
+        with self._lock:
+            self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            with self._lock:
+                events = self._waiters.get(job_id, set())
+                events.discard(event)
+                if not events:
+                    self._waiters.pop(job_id, None)
+
+    def _ensure_started(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="redis-ended", daemon=True)
+                self._thread.start()
+        self._subscribed.wait(5)
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.channel)
+                pubsub.get_message(timeout=5)  # wait for the subscription to be in place
+                self._subscribed.set()
+                self._wake_all()  # anything may have ended while we were not listening
+                while not self._closed.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message["type"] == "message":
+                        self._wake(message["data"])
+            except (redis.RedisError, OSError, ValueError):
+                if not self._closed.is_set():
+                    log.warning("lost the Redis pub/sub connection; resubscribing")
+                    self._closed.wait(0.5)
+            finally:
+                pubsub.close()
+
+    def _wake(self, job_id: str) -> None:
+        with self._lock:
+            for event in self._waiters.get(job_id, ()):
+                event.set()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            for events in self._waiters.values():
+                for event in events:
+                    event.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join(timeout=3)

@@ -1,0 +1,35 @@
+"""Output media in Redis, shared by every API replica and worker (for small fleets).
+
+Each image is one string key `<prefix>:media:<key>`. The janitor deletes it with its job; a TTL a
+little longer than the retention window is a safety net for when no janitor runs.
+"""
+
+from __future__ import annotations
+
+import redis
+
+
+class RedisOutputStore:
+    def __init__(self, client: redis.Redis, *, prefix: str = "fluxserve", ttl_seconds: float | None = None) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.ttl_seconds = ttl_seconds
+
+    @classmethod
+    def from_url(cls, url: str, **options) -> RedisOutputStore:
+        from fluxserve.jobs.redis import connect
+
+        return cls(connect(url), **options)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}:media:{key}"
+
+    def put(self, key: str, data: bytes) -> None:
+        ttl = int(self.ttl_seconds) + 1 if self.ttl_seconds else None
+        self.client.set(self._key(key), data, ex=ttl)
+
+    def get(self, key: str) -> bytes | None:
+        return self.client.get(self._key(key))
+
+    def delete(self, key: str) -> None:
+        self.client.delete(self._key(key))
