@@ -11,6 +11,7 @@ from fluxserve.engine import Engine, load_engine
 from fluxserve.faults import Faults
 from fluxserve.jobs import JobStore
 from fluxserve.jobs.sqlite import SqliteJobStore
+from fluxserve.moderation import load_moderation
 from fluxserve.outputs import OutputStore
 from fluxserve.outputs.local import LocalOutputStore
 from fluxserve.worker import Worker
@@ -88,6 +89,7 @@ class Services:
         # Loading a real model takes a while; the API answers (and queues jobs) meanwhile.
         try:
             engine = load_engine(self.settings)
+            moderation = load_moderation(self.settings)
         except Exception as exc:
             log.exception("model failed to load")
             self.engine.state, self.engine.error = "failed", str(exc)
@@ -103,6 +105,7 @@ class Services:
             lease_seconds=self.settings.lease_seconds,
             slugs=[self.settings.slug],
             faults=self.faults,
+            moderation=moderation,
         )
         self.worker.start()
 

@@ -17,8 +17,10 @@ from typing import Any
 from fluxserve.contract import EXTENSIONS, GenerateRequest
 from fluxserve.encode import encode_image
 from fluxserve.engine import Engine, GenerationCancelled, GenerationParams
+from fluxserve.failures import JobFailure
 from fluxserve.faults import Faults
 from fluxserve.jobs import Job, JobStore, Lease
+from fluxserve.moderation import Moderation
 from fluxserve.outputs import OutputStore
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class Worker:
         faults: Faults | None = None,
         idle_poll_seconds: float = 0.2,
         worker_id: str | None = None,
+        moderation: Moderation | None = None,
     ) -> None:
         self.store = store
         self.outputs = outputs
@@ -83,6 +86,7 @@ class Worker:
         self.faults = faults or Faults()
         self.idle_poll_seconds = idle_poll_seconds
         self.worker_id = worker_id or new_worker_id()
+        self.moderation = moderation or Moderation()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -126,6 +130,10 @@ class Worker:
                 result = self._generate(job, keeper)
             except GenerationCancelled:
                 return  # the lease is gone: another worker owns the job now
+            except JobFailure as exc:  # blocked content, out of memory, NaN: the message is for the client
+                log.warning("job %s failed: %s", job.id, exc)
+                self.store.fail(lease, str(exc))
+                return
             except Exception as exc:
                 log.exception("job %s failed", job.id)
                 self.store.fail(lease, f"Generation failed: {type(exc).__name__}: {exc}")
@@ -151,10 +159,12 @@ class Worker:
             if keeper.lost.is_set():
                 raise GenerationCancelled()
 
+        self.moderation.check_prompt(params.prompt)
         self.faults.before_generate(params.prompt)
         started = time.perf_counter()
         image = self.engine.generate(params, on_step=on_step)
         inference_time = time.perf_counter() - started
+        self.moderation.check_image(image)
 
         started = time.perf_counter()
         data, media_type = encode_image(image, request.outputFormat)

@@ -62,6 +62,8 @@ _FLOW_OPTIONS_SHOWN = {"use_flow_sigmas": True, "prediction_type": "flow_predict
 
 _ODE = {"algorithm_type": "dpmsolver++"}
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
+# Singlestep DPM-Solver needs a lower-order last step to end at sigma 0.
+_SINGLESTEP = {"solver_order": 2, "lower_order_final": True}
 
 
 def _dpm(name: str, order: int, algorithm: dict, description: str, spacing: str = "", **options) -> SchedulerSpec:
@@ -80,9 +82,9 @@ _TABLE = [
     # `Euler` and `FlowMatchEulerDiscreteScheduler` are the same sampler: the page names both.
     SchedulerSpec("Euler", _EULER, {}, "FLUX's reference flow-matching Euler (what diffusers uses for FLUX)"),
     SchedulerSpec(_EULER, _EULER, {}, "the same sampler as Euler (the page lists both names)"),
-    SchedulerSpec("DPM++", _DPM_SINGLE, {**_ODE, "solver_order": 2},
+    SchedulerSpec("DPM++", _DPM_SINGLE, {**_ODE, **_SINGLESTEP},
                   "DPM-Solver++ singlestep, 2nd order (DPM++ 2S)"),
-    SchedulerSpec("DPM++ SDE", _DPM_SINGLE, {**_SDE, "solver_order": 2},
+    SchedulerSpec("DPM++ SDE", _DPM_SINGLE, {**_SDE, **_SINGLESTEP},
                   "stochastic DPM-Solver++ singlestep, 2nd order", stochastic=True),
     _dpm("DPM++ 2M", 2, _ODE, "DPM-Solver++ multistep, 2nd order"),
     _dpm("DPM++ 2M SDE", 2, _SDE, "stochastic DPM-Solver++ multistep, 2nd order (midpoint)"),
@@ -94,7 +96,7 @@ _TABLE = [
     SchedulerSpec("Heun", _HEUN, {}, "Heun's 2nd-order method: two model calls a step (2N-1 in all)"),
     SchedulerSpec("LCM", _LCM, {}, "latent-consistency sampling: predict the clean sample, re-noise it",
                   stochastic=True),
-    SchedulerSpec("DPM++ SDE Karras", _DPM_SINGLE, {**_SDE, "solver_order": 2},
+    SchedulerSpec("DPM++ SDE Karras", _DPM_SINGLE, {**_SDE, **_SINGLESTEP},
                   "DPM++ SDE on Karras-spaced sigmas", stochastic=True, sigma_spacing="karras"),
     _dpm("DPM++ 2M Karras", 2, _ODE, "DPM++ 2M on Karras-spaced sigmas", "karras"),
     _dpm("DPM++ 2M Exponential", 2, _ODE, "DPM++ 2M on log-linear sigmas", "exponential"),
