@@ -86,8 +86,10 @@ def test_deterministic_samplers_converge_to_the_same_image(engine):
     """Every ODE solver follows FLUX's flow: with many steps, all land on fine-step Euler's image."""
     # A sampler off FLUX's schedule misses by far more (DEIS without its last step to 0: 0.01; the
     # stochastic samplers land elsewhere by design: 0.2) or gives NaN (DPM++ with its own Karras sigmas).
-    reference = pixels(engine, "Euler", steps=96)
+    reference = pixels(engine, "Euler", steps=64)
     for name in DETERMINISTIC:
+        if name == "FlowMatchEulerDiscreteScheduler":
+            continue  # Euler itself
         coarse = np.abs(pixels(engine, name, steps=4) - reference).mean()
         fine = np.abs(pixels(engine, name, steps=16) - reference).mean()
         assert fine < 0.004 and fine < coarse, (name, coarse, fine)
