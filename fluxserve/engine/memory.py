@@ -1,12 +1,14 @@
 """Memory modes for smaller GPUs, chosen in config (`memory_mode`, `vae_tiling`, `vae_slicing`).
 
-- `none`: the whole pipeline lives on the device (fastest; FLUX.1-dev in bf16 needs ~33 GB).
+- `none`: the whole pipeline lives on the device (fastest; FLUX.1-dev's weights are ~34 GB in bf16).
 - `model_cpu_offload`: each component (text encoders, transformer, VAE) moves to the GPU only while
-  it runs (diffusers' `enable_model_cpu_offload`); ~24 GB, a little slower.
-- `sequential_cpu_offload`: weights stream to the GPU layer by layer (`enable_sequential_cpu_offload`);
-  a few GB, much slower.
+  it runs (diffusers' `enable_model_cpu_offload`): the largest one, the 24 GB transformer, sets the peak.
+- `sequential_cpu_offload`: weights stream to the GPU layer by layer (`enable_sequential_cpu_offload`):
+  least memory, much slower.
 - VAE tiling decodes large images (2048²) in overlapping tiles; slicing decodes a batch one image
   at a time. Tiling changes pixels slightly (tiles are blended), so it is off by default.
+
+`prepare_pipeline` is the one call `load_engine` makes: LoRA fusing first, then the memory mode.
 """
 
 from __future__ import annotations
@@ -15,9 +17,6 @@ import gc
 import logging
 
 log = logging.getLogger(__name__)
-
-MEMORY_MODES = ("none", "model_cpu_offload", "sequential_cpu_offload")
-
 
 def load_device(settings, device: str) -> str:
     """Where to load the weights: offloading starts from the CPU (never load the whole model on the GPU)."""

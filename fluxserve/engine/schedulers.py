@@ -43,6 +43,8 @@ class SchedulerSpec:
     def adaptations(self) -> list[str]:
         """What fluxserve adds on top of the diffusers class (see samplers.py)."""
         notes = [f"{self.sigma_spacing} spacing of the flow sigmas"] if self.sigma_spacing else []
+        if self.class_name == _HEUN:
+            notes.append("set_timesteps takes FLUX's sigmas and shift")
         if self.stochastic:
             notes.append("stochastic, noise drawn from the job's seed")
         if self.final_step_to_zero:
