@@ -87,6 +87,21 @@ class Settings(BaseSettings):
     price_per_image: float = Field(1.0, ge=0)
     price_per_megapixel_step: float = Field(0.0, ge=0)
 
+    # Engine fidelity: LoRA adapters, memory modes for smaller GPUs, content moderation.
+    # LoRA adapters fused at start-up: comma-separated LOCATION[:SCALE] (.safetensors file, folder or repo id).
+    loras: str = ""
+    # "model_cpu_offload" (a component at a time on the GPU) or "sequential_cpu_offload" (layer by layer).
+    memory_mode: Literal["none", "model_cpu_offload", "sequential_cpu_offload"] = "none"
+    vae_tiling: bool = False  # decode in tiles: 2048² images with little memory (pixels differ slightly)
+    vae_slicing: bool = False  # decode a batch one image at a time
+    # Prompt policy (on by default, with the built-in blocklist) and an optional image classifier.
+    moderation: bool = True
+    moderation_blocklist: Path | None = None  # a blocklist file used instead of the built-in one
+    moderation_categories: str = ""  # comma-separated categories to enforce; empty: all in the blocklist
+    moderation_image_classifier: str | None = None  # an image-classification model (repo id or folder)
+    moderation_image_labels: str = "nsfw"  # comma-separated classifier labels that block an image
+    moderation_image_threshold: float = Field(0.5, ge=0, le=1)
+
     @property
     def sqlite_path(self) -> Path:
         return self.data_dir / "jobs.sqlite3"

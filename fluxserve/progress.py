@@ -32,8 +32,11 @@ class ProgressReporter:
         image.convert("RGB").save(buffer, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
         self._preview = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
-    def report(self, step: int) -> bool:
-        """Record that `step` of `total` is done; False when the job must stop (cancelled, lease lost)."""
+    def report(self, step: int, total: int | None = None) -> bool:
+        """Record that `step` of `total` is done; False when the job must stop (cancelled, lease lost).
+
+        `total` is the sampler's real count of model calls when it differs from `steps` (Heun: 2N−1)."""
+        self.total = total or self.total
         if past_deadline(self.job):
             self.store.cancel(self.job.id, deadline_error(self.job))
             return False

@@ -15,6 +15,7 @@ from fluxserve.faults import Faults
 from fluxserve.jobs import JobStore
 from fluxserve.jobs.sqlite import SqliteJobStore
 from fluxserve.metrics import Metrics
+from fluxserve.moderation import load_moderation
 from fluxserve.outputs import OutputStore
 from fluxserve.outputs.local import LocalOutputStore
 from fluxserve.webhooks.delivery import WebhookSender
@@ -149,6 +150,7 @@ class Services:
         try:
             self.faults.before_load()
             engine = load_engine(self.settings)
+            moderation = load_moderation(self.settings)
         except Exception as exc:
             log.exception("model failed to load")
             self.engine.state, self.engine.error = "failed", str(exc)
@@ -168,6 +170,7 @@ class Services:
                 metrics=self.metrics,
                 on_finished=self.settle,
                 previews=self.settings.previews,
+                moderation=moderation,
             )
             self.workers.append(worker)
             worker.start()

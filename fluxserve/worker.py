@@ -19,10 +19,12 @@ from typing import Any
 from fluxserve.contract import EXTENSIONS, GenerateRequest, JobState
 from fluxserve.encode import encode_image
 from fluxserve.engine import Engine, GenerationCancelled, GenerationParams
+from fluxserve.failures import JobFailure
 from fluxserve.faults import Faults
 from fluxserve.jobs import Job, JobStore, Lease
 from fluxserve.logs import log_context
 from fluxserve.metrics import Metrics
+from fluxserve.moderation import Moderation
 from fluxserve.outputs import OutputStore
 from fluxserve.progress import ProgressReporter
 
@@ -84,6 +86,7 @@ class Worker:
         on_finished: Callable[[str], None] | None = None,
         previews: bool = True,
         metrics: Metrics | None = None,
+        moderation: Moderation | None = None,
     ) -> None:
         self.store = store
         self.outputs = outputs
@@ -97,6 +100,7 @@ class Worker:
         self.on_finished = on_finished
         self.previews = previews
         self.metrics = metrics or Metrics()
+        self.moderation = moderation or Moderation()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -145,6 +149,12 @@ class Worker:
                 # Cancelled (the API already ended it FAILED) or the lease is gone (another worker owns it).
                 self.metrics.job_ended("abandoned")
                 return
+            except JobFailure as exc:  # blocked content, out of memory, NaN: the message is for the client
+                log.warning("job %s failed: %s", job.id, exc)
+                if self.store.fail(lease, str(exc)):
+                    self.metrics.job_ended("FAILED")
+                    self._finished(job.id)
+                return
             except Exception as exc:
                 log.exception("job %s failed", job.id)
                 if self.store.fail(lease, f"Generation failed: {type(exc).__name__}: {exc}"):
@@ -185,16 +195,18 @@ class Worker:
         progress = ProgressReporter(self.store, keeper.lease, job, total=params.steps)
 
         def on_step(step: int, total: int) -> None:
-            if keeper.lost.is_set() or not progress.report(step):
+            if keeper.lost.is_set() or not progress.report(step, total):
                 log.info("job %s stopped at step %d of %d (cancelled, or lease lost)", job.id, step, total)
                 raise GenerationCancelled()
 
         on_step(0, params.steps)  # a job cancelled (or past its deadline) while queued stops here
+        self.moderation.check_prompt(params.prompt)
         self.faults.before_generate(params.prompt)
         started = time.perf_counter()
         on_preview = progress.preview if self.previews else None
         image = self.engine.generate(params, on_step=on_step, on_preview=on_preview)
         inference_time = time.perf_counter() - started
+        self.moderation.check_image(image)
 
         started = time.perf_counter()
         data, media_type = encode_image(image, request.outputFormat)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
+from PIL import Image
 
+from conftest import SLUG
 from fluxserve.config import Settings
 from fluxserve.engine import Engine, GenerationParams, load_engine
 from fluxserve.engine.loading import ModelLoadError, ModelSource
@@ -36,6 +40,16 @@ def test_euler_is_pixel_identical_to_diffusers(engine, reference, width, height,
     theirs = np.asarray(direct(reference, "a stone bridge", width, height, 4, 3.5, seed))
     assert ours.shape == (height, width, 3)
     assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize(("width", "height", "seed"), [(128, 128, 3), (256, 128, 1184522), (144, 208, 42)])
+def test_euler_png_over_http_is_pixel_identical_to_diffusers(http, reference, width, height, seed):
+    body = {"positivePrompt": "a stone bridge", "width": width, "height": height, "steps": 4, "seed": seed,
+            "CFGScale": 3.5, "outputFormat": "PNG", "scheduler": "Euler"}
+    response = http.post(f"/v1/{SLUG}", json=body)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    ours = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
+    assert np.array_equal(ours, np.asarray(direct(reference, "a stone bridge", width, height, 4, 3.5, seed)))
 
 
 def test_odd_size_is_center_crop_of_padded_reference(engine, reference):

@@ -75,12 +75,6 @@ def test_garbage_body_is_400(http, content, word):
     assert word in response.json()["error"]
 
 
-def test_known_scheduler_not_wired_yet_says_so(http):
-    response = http.post(f"/v2/{SLUG}", json={**VALID, "scheduler": "DPM++ 2M"})
-    assert response.status_code == 400
-    assert "not available yet" in response.json()["error"]
-
-
 def test_fractional_cfg_scale_is_accepted(http):
     assert http.post(f"/v2/{SLUG}", json={**VALID, "CFGScale": 3.5}).status_code == 200
 

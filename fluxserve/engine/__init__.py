@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fluxserve.engine.preview import latent_preview
+from fluxserve.engine.errors import InvalidImage, OutOfMemory
+from fluxserve.engine.memory import after_generation, release_memory
 from fluxserve.engine.schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -75,40 +77,55 @@ class Engine:
         `on_step(step, total)` runs after each denoising step; raising GenerationCancelled from it stops
         the run. `on_preview(image)`, when given, gets a low-resolution preview just before it.
         """
+        import numpy as np
+
         import torch
         from diffusers import FluxPipeline
 
-        scheduler = build_scheduler(params.scheduler, self._base_scheduler_config)
+        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        # Stochastic samplers draw their per-step noise from this same generator.
+        scheduler = build_scheduler(params.scheduler, self._base_scheduler_config, generator=generator)
         pipe = FluxPipeline(**{**self.pipeline.components, "scheduler": scheduler})
         pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device="cpu").manual_seed(params.seed)
 
         def step_end(_pipe, step: int, _timestep, tensors):
             if on_preview is not None:
                 on_preview(latent_preview(tensors["latents"], padded(params.height), padded(params.width),
                                           pipe.vae_scale_factor))
             if on_step is not None:
-                on_step(step + 1, params.steps)
+                # Some samplers (Heun) take more model calls than `steps`; report the real count.
+                on_step(step + 1, len(_pipe.scheduler.timesteps))
             return tensors
 
         with self._lock, torch.inference_mode():
-            image = pipe(
-                prompt=params.prompt,
-                width=padded(params.width),
-                height=padded(params.height),
-                num_inference_steps=params.steps,
-                guidance_scale=float(params.guidance),
-                generator=generator,
-                max_sequence_length=self.max_sequence_length,
-                callback_on_step_end=step_end,
-                output_type="pil",
-            ).images[0]
+            try:
+                pixels = pipe(
+                    prompt=params.prompt,
+                    width=padded(params.width),
+                    height=padded(params.height),
+                    num_inference_steps=params.steps,
+                    guidance_scale=float(params.guidance),
+                    generator=generator,
+                    max_sequence_length=self.max_sequence_length,
+                    callback_on_step_end=step_end,
+                    output_type="np",
+                ).images
+            except torch.OutOfMemoryError:
+                release_memory()
+                raise OutOfMemory(params.width, params.height) from None
+            finally:
+                after_generation(self.pipeline)
+        # Checked before the cast to 8 bits, which would silently turn NaN into black.
+        if not np.isfinite(pixels).all():
+            raise InvalidImage()
+        image = pipe.image_processor.numpy_to_pil(pixels)[0]
         return center_crop(image, params.width, params.height)
 
 
 def load_engine(settings) -> Engine:
     """The engine for the configured model (building the tiny demo model when none is configured)."""
     from fluxserve.engine.loading import ModelSource, load_pipeline, resolve_device_and_dtype
+    from fluxserve.engine.memory import load_device, prepare_pipeline
 
     if settings.model and settings.model.startswith("fake-sleep:"):  # load tests of the queue alone
         from fluxserve.engine.fake import SleepingEngine
@@ -118,7 +135,8 @@ def load_engine(settings) -> Engine:
     source = ModelSource.parse(model, settings.base_model)
     device, dtype = resolve_device_and_dtype(settings.device, settings.dtype)
     started = time.perf_counter()
-    pipeline = load_pipeline(source, device=device, dtype=dtype)
+    pipeline = load_pipeline(source, device=load_device(settings, device), dtype=dtype)
+    prepare_pipeline(pipeline, settings, device)  # LoRA fusing, then the memory mode
     log.info("model loaded in %.1fs", time.perf_counter() - started)
     return Engine(pipeline, max_sequence_length=settings.max_sequence_length, description=model)
 
