@@ -52,8 +52,10 @@ class EngineSlot:
 
 
 class Services:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, engine_loader=None) -> None:
         self.settings = settings
+        # How the engine is made: load_engine(settings) unless given (bench/speed.py passes a built one).
+        self.engine_loader = engine_loader or load_engine
         self.demo = not settings.model
         self.store = open_store(settings)
         self.outputs = open_outputs(settings)
@@ -87,7 +89,7 @@ class Services:
     def _load_and_work(self) -> None:
         # Loading a real model takes a while; the API answers (and queues jobs) meanwhile.
         try:
-            engine = load_engine(self.settings)
+            engine = self.engine_loader(self.settings)
         except Exception as exc:
             log.exception("model failed to load")
             self.engine.state, self.engine.error = "failed", str(exc)
