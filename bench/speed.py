@@ -310,6 +310,8 @@ def run_variant(variant: str, models: Models, args, http: dict | None) -> Varian
                                steps_computed=counter.take(), image=np.array(image)))
         print(f"  {variant} {width}x{height}: {statistics.median(seconds):.3f} s/image (first {first:.1f} s)",
               flush=True)
+        if result.rows[-1].image.std() == 0:
+            print(f"  warning: {variant} {width}x{height} gave a flat image (NaN or overflow?)", flush=True)
     if http is not None and engine is not None and variant == args.http_preset:
         http.update(http_latency(engine, args))
     compiled = "compile" in options

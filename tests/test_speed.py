@@ -19,8 +19,9 @@ from fluxserve.engine.speed import PRESETS, Machine, choose_attention_backend, p
 from fluxserve.engine.vae_tiling import decode_bytes, needs_vae_tiling
 
 CPU = Machine(device="cpu")
-H100 = Machine(device="cuda", capability=(9, 0), modules=frozenset({"torchao", "triton", "flash_attn_interface"}))
-A100 = Machine(device="cuda", capability=(8, 0), modules=frozenset({"torchao", "triton", "flash_attn"}))
+H100 = Machine(device="cuda", capability=(9, 0), modules=frozenset({"torchao", "triton"}),
+               attention=frozenset({"_flash_3", "flash"}))
+A100 = Machine(device="cuda", capability=(8, 0), modules=frozenset({"torchao", "triton"}), attention=frozenset({"flash"}))
 PARAMS = GenerationParams("a stone bridge", 128, 128, steps=4, seed=11, guidance=3.5)
 
 
@@ -81,9 +82,10 @@ def test_attention_backend_choice():
     assert choose_attention_backend(CPU) == "native"
     assert choose_attention_backend(H100) == "_flash_3"
     assert choose_attention_backend(A100) == "flash"  # FA3 is Hopper-only
-    ada_with_fa3 = Machine(device="cuda", capability=(8, 9), modules=frozenset({"flash_attn_interface"}))
+    ada_with_fa3 = Machine(device="cuda", capability=(8, 9), attention=frozenset({"_flash_3"}))
     assert choose_attention_backend(ada_with_fa3) == "native"
-    assert "flash_attn_interface" in plan(A100, speed_attention="_flash_3").skipped["attention"]
+    assert choose_attention_backend(Machine(device="cuda", capability=(9, 0))) == "native"  # PyTorch SDPA
+    assert "flash_attn_3" in plan(A100, speed_attention="_flash_3").skipped["attention"]
 
 
 def test_warmup_sizes_parse_and_round_up():

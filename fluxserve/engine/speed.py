@@ -60,8 +60,8 @@ LOSSLESS_PRESETS = ("off", "quality")
 # Attention backends that run only on NVIDIA GPUs (diffusers' names).
 _CUDA_ONLY_ATTENTION_PREFIXES = ("flash", "_flash", "sage", "_sage", "_native_cudnn", "_native_flash",
                                  "_native_efficient", "xformers", "aiter")
-# Python modules that make each attention backend usable (what diffusers checks).
-_ATTENTION_MODULES = {"_flash_3": "flash_attn_interface", "flash": "flash_attn"}
+# Attention backends that need a package of their own: diffusers' name → the package.
+_ATTENTION_PACKAGES = {"_flash_3": "flash_attn_3 (Flash-Attention 3, built from source)", "flash": "flash-attn"}
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,10 @@ class Machine:
     device: str = "cpu"
     capability: tuple[int, int] | None = None  # CUDA compute capability, e.g. (9, 0) for Hopper
     modules: frozenset[str] = frozenset()  # importable optional modules among OPTIONAL_MODULES
+    attention: frozenset[str] = frozenset()  # usable backends among _ATTENTION_PACKAGES, as diffusers judges
     has_cxx: bool = True  # a C++ compiler, which torch.compile needs on CPU
 
-    OPTIONAL_MODULES = ("torchao", "triton", "flash_attn", "flash_attn_interface")
+    OPTIONAL_MODULES = ("torchao", "triton")
 
     @property
     def cuda(self) -> bool:
@@ -86,18 +87,22 @@ class Machine:
         capability = None
         if device.startswith("cuda") and torch.cuda.is_available():
             capability = tuple(torch.cuda.get_device_capability(torch.device(device)))
+        from diffusers.models import attention_dispatch
+
         modules = frozenset(m for m in cls.OPTIONAL_MODULES if importlib.util.find_spec(m) is not None)
+        usable = {"_flash_3": attention_dispatch._CAN_USE_FLASH_ATTN_3, "flash": attention_dispatch._CAN_USE_FLASH_ATTN}
+        attention = frozenset(name for name, ok in usable.items() if ok)
         has_cxx = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
-        return cls(device=device, capability=capability, modules=modules, has_cxx=has_cxx)
+        return cls(device=device, capability=capability, modules=modules, attention=attention, has_cxx=has_cxx)
 
 
 def choose_attention_backend(machine: Machine) -> str:
     """The fastest attention kernel this machine has, as a diffusers backend name."""
     if not machine.cuda or machine.capability is None:
         return "native"
-    if "flash_attn_interface" in machine.modules and machine.capability[0] == 9:
+    if "_flash_3" in machine.attention and machine.capability[0] == 9:
         return "_flash_3"  # Flash-Attention 3: Hopper only
-    if "flash_attn" in machine.modules and machine.capability >= (8, 0):
+    if "flash" in machine.attention and machine.capability >= (8, 0):
         return "flash"
     return "native"  # PyTorch SDPA, which picks its own flash / memory-efficient kernel
 
@@ -109,8 +114,8 @@ def why_not(option: str, value, machine: Machine, settings) -> str | None:
     if option == "attention" and value not in ("default", "native") and not machine.cuda:
         if value.startswith(_CUDA_ONLY_ATTENTION_PREFIXES):
             return f"attention backend {value!r} needs an NVIDIA GPU; this is {machine.device}"
-    if option == "attention" and value in _ATTENTION_MODULES and _ATTENTION_MODULES[value] not in machine.modules:
-        return f"attention backend {value!r} needs the {_ATTENTION_MODULES[value]} module, which is not installed"
+    if option == "attention" and value in _ATTENTION_PACKAGES and value not in machine.attention:
+        return f"attention backend {value!r} needs {_ATTENTION_PACKAGES[value]}, which is not installed"
     if option == "compile":
         if machine.cuda and "triton" not in machine.modules:
             return "torch.compile on CUDA needs triton (it ships with PyTorch's Linux CUDA wheels)"
