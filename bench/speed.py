@@ -12,7 +12,10 @@ bf16 floor, or fp8 floor for the linear layers when float8 is on), peak GPU memo
 in host memory → optimised, compiled, first image), restart with a warm compile cache, PSNR/SSIM of each
 image against the `quality` preset's at the same seed, and one image's latency through the HTTP server
 against the engine alone. With random weights, PSNR measures numerical drift, not visual quality, and the
-step cache's hit rate (steps computed) differs from real weights: use --model for those two.
+step cache's hit rate (steps computed) differs from real weights: use --model for those two. The floor
+counts every step's FLOPs, so a preset that skips steps (turbo) can pass 100 %.
+
+Settings come from the environment as for the server, e.g. FLUXSERVE_SPEED_COMPILE_MODE=max-autotune.
 """
 
 from __future__ import annotations

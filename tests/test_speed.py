@@ -86,6 +86,7 @@ def test_attention_backend_choice():
     assert choose_attention_backend(ada_with_fa3) == "native"
     assert choose_attention_backend(Machine(device="cuda", capability=(9, 0))) == "native"  # PyTorch SDPA
     assert "flash_attn_3" in plan(A100, speed_attention="_flash_3").skipped["attention"]
+    assert "unknown attention backend 'fa9'" in plan(H100, speed_attention="fa9").skipped["attention"]
 
 
 def test_warmup_sizes_parse_and_round_up():

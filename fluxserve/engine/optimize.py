@@ -63,20 +63,25 @@ def quantize_fp8(transformer) -> int:
     return count
 
 
-def use_compile_cache(directory) -> None:
-    """Keep Inductor's compiled kernels and autotuning results on disk, so a restart skips compiling."""
+def configure_compiler(directory) -> None:
+    """Compiled kernels and autotuning results kept on disk (a restart skips compiling), room for many
+    sizes, and eager fallback for a graph that cannot compile."""
     import torch._dynamo.config
     import torch._inductor.config
 
-    directory.mkdir(parents=True, exist_ok=True)
-    # Inductor and Triton read their cache location from the environment when they compile.
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Inductor and Triton read their cache location from the environment when they compile.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
     torch._inductor.config.fx_graph_cache = True
     torch._inductor.config.autotune_local_cache = True
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.accumulated_recompile_limit = max(
         torch._dynamo.config.accumulated_recompile_limit, RECOMPILE_LIMIT * 4
     )
+    # A graph that fails to compile (say, for a size first seen on a request) runs eagerly, logged,
+    # instead of failing the user's job.
+    torch._dynamo.config.suppress_errors = True
 
 
 @dataclass
@@ -144,8 +149,7 @@ def apply_speed(pipe, plan: SpeedPlan) -> AppliedSpeed:
     if options.channels_last_vae:
         pipe.vae.to(memory_format=torch.channels_last)
     if options.compile:
-        if plan.compile_cache_dir is not None:
-            use_compile_cache(plan.compile_cache_dir)
+        configure_compiler(plan.compile_cache_dir)
         settings = dict(mode=plan.compile_mode, dynamic=plan.compile_dynamic)
         for block in repeated_blocks(transformer):
             block.forward = CompiledForward(block.forward, fullgraph=True, **settings)

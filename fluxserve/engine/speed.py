@@ -107,10 +107,18 @@ def choose_attention_backend(machine: Machine) -> str:
     return "native"  # PyTorch SDPA, which picks its own flash / memory-efficient kernel
 
 
+def attention_backend_names() -> set[str]:
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return {"default"} | {backend.value for backend in AttentionBackendName}
+
+
 def why_not(option: str, value, machine: Machine, settings) -> str | None:
     """Why `option` cannot be applied here, or None when it can."""
     if option == "bf16" and settings.dtype not in (None, "bfloat16"):
         return f"FLUXSERVE_DTYPE={settings.dtype} was set explicitly"
+    if option == "attention" and value not in attention_backend_names():
+        return f"unknown attention backend {value!r}; diffusers has: {', '.join(sorted(attention_backend_names()))}"
     if option == "attention" and value not in ("default", "native") and not machine.cuda:
         if value.startswith(_CUDA_ONLY_ATTENTION_PREFIXES):
             return f"attention backend {value!r} needs an NVIDIA GPU; this is {machine.device}"
