@@ -355,7 +355,11 @@ def http_latency(engine: Engine, args) -> dict:
     width, height = args.sizes[0]
     with tempfile.TemporaryDirectory() as data_dir:
         settings = Settings(data_dir=Path(data_dir), model=f"bench:{engine.description}", port=free_port())
-        app = create_app(settings, Services(settings, engine_loader=lambda _settings: engine))
+        class BuiltEngine(Services):
+            def load_engine(self) -> Engine:
+                return engine
+
+        app = create_app(settings, BuiltEngine(settings))
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

@@ -52,10 +52,8 @@ class EngineSlot:
 
 
 class Services:
-    def __init__(self, settings: Settings, engine_loader=None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # How the engine is made: load_engine(settings) unless given (bench/speed.py passes a built one).
-        self.engine_loader = engine_loader or load_engine
         self.demo = not settings.model
         self.store = open_store(settings)
         self.outputs = open_outputs(settings)
@@ -89,7 +87,7 @@ class Services:
     def _load_and_work(self) -> None:
         # Loading a real model takes a while; the API answers (and queues jobs) meanwhile.
         try:
-            engine = self.engine_loader(self.settings)
+            engine = self.load_engine()
         except Exception as exc:
             log.exception("model failed to load")
             self.engine.state, self.engine.error = "failed", str(exc)
@@ -123,3 +121,7 @@ class Services:
             if key:
                 self.outputs.delete(key)
         return len(expired)
+
+    def load_engine(self) -> Engine:
+        """The engine this process serves; bench/speed.py overrides it to serve one it built itself."""
+        return load_engine(self.settings)

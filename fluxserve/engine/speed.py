@@ -117,13 +117,13 @@ def why_not(option: str, value, machine: Machine, settings) -> str | None:
     """Why `option` cannot be applied here, or None when it can."""
     if option == "bf16" and settings.dtype not in (None, "bfloat16"):
         return f"FLUXSERVE_DTYPE={settings.dtype} was set explicitly"
-    if option == "attention" and value not in attention_backend_names():
-        return f"unknown attention backend {value!r}; diffusers has: {', '.join(sorted(attention_backend_names()))}"
-    if option == "attention" and value not in ("default", "native") and not machine.cuda:
-        if value.startswith(_CUDA_ONLY_ATTENTION_PREFIXES):
+    if option == "attention":
+        if value not in attention_backend_names():
+            return f"unknown attention backend {value!r}; diffusers has {', '.join(sorted(attention_backend_names()))}"
+        if not machine.cuda and value.startswith(_CUDA_ONLY_ATTENTION_PREFIXES):
             return f"attention backend {value!r} needs an NVIDIA GPU; this is {machine.device}"
-    if option == "attention" and value in _ATTENTION_PACKAGES and value not in machine.attention:
-        return f"attention backend {value!r} needs {_ATTENTION_PACKAGES[value]}, which is not installed"
+        if value in _ATTENTION_PACKAGES and value not in machine.attention:
+            return f"attention backend {value!r} needs {_ATTENTION_PACKAGES[value]}, which is not installed"
     if option == "compile":
         if machine.cuda and "triton" not in machine.modules:
             return "torch.compile on CUDA needs triton (it ships with PyTorch's Linux CUDA wheels)"
