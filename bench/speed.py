@@ -349,17 +349,15 @@ def http_latency(engine: Engine, args) -> dict:
     import httpx
     import uvicorn
 
+    from fluxserve import services
     from fluxserve.api import create_app
-    from fluxserve.services import Services
 
     width, height = args.sizes[0]
+    # The server loads its engine with services.load_engine(settings): hand it the one already built.
+    load_engine, services.load_engine = services.load_engine, lambda _settings: engine
     with tempfile.TemporaryDirectory() as data_dir:
         settings = Settings(data_dir=Path(data_dir), model=f"bench:{engine.description}", port=free_port())
-        class BuiltEngine(Services):
-            def load_engine(self) -> Engine:
-                return engine
-
-        app = create_app(settings, BuiltEngine(settings))
+        app = create_app(settings)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -392,6 +390,7 @@ def http_latency(engine: Engine, args) -> dict:
         finally:
             server.should_exit = True
             thread.join(60)
+            services.load_engine = load_engine
     http_s, engine_s = statistics.median(http_s), statistics.median(engine_s)
     return {"preset": args.http_preset, "width": width, "height": height, "http_s": http_s, "engine_s": engine_s,
             "overhead_s": http_s - engine_s, "metrics": metrics}

@@ -87,7 +87,7 @@ class Services:
     def _load_and_work(self) -> None:
         # Loading a real model takes a while; the API answers (and queues jobs) meanwhile.
         try:
-            engine = self.load_engine()
+            engine = load_engine(self.settings)
         except Exception as exc:
             log.exception("model failed to load")
             self.engine.state, self.engine.error = "failed", str(exc)
@@ -121,7 +121,3 @@ class Services:
             if key:
                 self.outputs.delete(key)
         return len(expired)
-
-    def load_engine(self) -> Engine:
-        """The engine this process serves; bench/speed.py overrides it to serve one it built itself."""
-        return load_engine(self.settings)
