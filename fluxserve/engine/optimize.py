@@ -86,11 +86,10 @@ def configure_compiler(directory) -> None:
 
 @dataclass
 class AppliedSpeed:
-    """The speed options as applied to one pipeline: the plan, and what undoing compile needs."""
+    """The speed options as applied to one pipeline: the plan, and the compiled forwards (to undo)."""
 
     plan: SpeedPlan = field(default_factory=SpeedPlan)
     compiled: list[CompiledForward] = field(default_factory=list)
-    transformer: object = None
 
     def metrics(self) -> dict:
         return self.plan.metrics()
@@ -137,7 +136,7 @@ def apply_speed(pipe, plan: SpeedPlan) -> AppliedSpeed:
 
     options = plan.options
     transformer = pipe.transformer
-    applied = AppliedSpeed(plan=plan, transformer=transformer)
+    applied = AppliedSpeed(plan=plan)
     if options.bf16:
         pipe.to(dtype=torch.bfloat16)
     if options.fuse_qkv:

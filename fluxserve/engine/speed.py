@@ -54,8 +54,6 @@ PRESETS: dict[str, SpeedOptions] = {
     "balanced": replace(_QUALITY, fp8=True),
     "turbo": replace(_QUALITY, fp8=True, step_cache=True),
 }
-# Presets whose images match plain diffusers up to kernel rounding; the others trade quality for speed.
-LOSSLESS_PRESETS = ("off", "quality")
 
 # Attention backends that run only on NVIDIA GPUs (diffusers' names).
 _CUDA_ONLY_ATTENTION_PREFIXES = ("flash", "_flash", "sage", "_sage", "_native_cudnn", "_native_flash",
