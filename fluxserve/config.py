@@ -73,6 +73,32 @@ class Settings(BaseSettings):
     def worker_slugs(self) -> list[str]:
         return [s.strip() for s in (self.worker_models or self.slug).split(",") if s.strip()]
 
+    # Speed options (fluxserve/engine/speed.py). A preset picks the options; each switch set here
+    # overrides the preset (unset = the preset's choice). "auto": quality on CUDA, off elsewhere.
+    speed_preset: Literal["auto", "off", "quality", "balanced", "turbo"] = "auto"
+    speed_bf16: bool | None = None
+    speed_fuse_qkv: bool | None = None
+    # "auto" (the fastest installed: FA3, flash-attn, PyTorch SDPA), "default" (diffusers' own: SDPA)
+    # or any diffusers attention backend name (native, _native_cudnn, flash, _flash_3, sage, ...).
+    speed_attention: str | None = None
+    speed_channels_last_vae: bool | None = None
+    speed_compile: bool | None = None
+    speed_fp8: bool | None = None
+    speed_step_cache: bool | None = None
+    # torch.compile: static shapes by default (one graph per size, compiled once, kept on disk);
+    # dynamic=true compiles one graph for every size (no compile for a new size; slower kernels).
+    speed_compile_mode: str | None = None  # max-autotune-no-cudagraphs on CUDA, default on CPU
+    speed_compile_dynamic: bool = False
+    speed_compile_cache_dir: Path | None = None  # data_dir/compile-cache when unset
+    speed_warmup_sizes: str = "1024x1024"  # compiled at start-up: "WxH,WxH"; empty for none
+    # First-block cache: a step reuses the previous step's residual when the first block's output
+    # moved by less than this (relative mean absolute change). Higher: faster, lower quality.
+    speed_step_cache_threshold: float = Field(0.12, gt=0, le=1)
+    # VAE tiling for large images, decided per request: when the decode would not fit in free GPU
+    # memory, or from this many pixels on (unset: by memory only).
+    speed_auto_vae_tiling: bool = True
+    speed_vae_tiling_min_pixels: int | None = Field(None, gt=0)
+
     # Fault injection for tests and drills, e.g. "engine_error_on=<substring of a prompt>". Off by default.
     faults: str = ""
 
@@ -113,3 +139,7 @@ class Settings(BaseSettings):
     @property
     def tiny_model_dir(self) -> Path:
         return self.data_dir / "tiny-model"
+
+    @property
+    def compile_cache_dir(self) -> Path:
+        return self.speed_compile_cache_dir or self.data_dir / "compile-cache"

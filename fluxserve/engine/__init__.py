@@ -57,10 +57,16 @@ def center_crop(image, width: int, height: int):
 
 
 class Engine:
-    def __init__(self, pipeline, *, max_sequence_length: int = 512, description: str = "") -> None:
+    def __init__(self, pipeline, *, max_sequence_length: int = 512, description: str = "", speed=None) -> None:
         self.pipeline = pipeline
         self.max_sequence_length = max_sequence_length
         self.description = description
+        # Speed options applied to the pipeline (fluxserve/engine/optimize.py); none by default.
+        if speed is None:
+            from fluxserve.engine.optimize import AppliedSpeed
+
+            speed = AppliedSpeed()
+        self.speed = speed
         self._base_scheduler_config = dict(pipeline.scheduler.config)
         # One generation at a time per pipeline: the modules are shared, and on one GPU running two
         # denoising loops side by side is slower than running them one after the other.
@@ -97,7 +103,8 @@ class Engine:
                 on_step(step + 1, len(_pipe.scheduler.timesteps))
             return tensors
 
-        with self._lock, torch.inference_mode():
+        speed = self.speed.during(pipe, padded(params.width), padded(params.height))  # speed options
+        with self._lock, torch.inference_mode(), speed:
             try:
                 pixels = pipe(
                     prompt=params.prompt,
@@ -138,7 +145,14 @@ def load_engine(settings) -> Engine:
     pipeline = load_pipeline(source, device=load_device(settings, device), dtype=dtype)
     prepare_pipeline(pipeline, settings, device)  # LoRA fusing, then the memory mode
     log.info("model loaded in %.1fs", time.perf_counter() - started)
-    return Engine(pipeline, max_sequence_length=settings.max_sequence_length, description=model)
+    # Speed options (fluxserve/engine/speed.py, optimize.py): applied, then warmed up before serving.
+    from fluxserve.engine.optimize import apply_speed
+    from fluxserve.engine.speed import plan_speed
+
+    speed = apply_speed(pipeline, plan_speed(settings, device))
+    engine = Engine(pipeline, max_sequence_length=settings.max_sequence_length, description=model, speed=speed)
+    speed.warm_up(engine.generate)
+    return engine
 
 
 def ensure_demo_model(settings):
