@@ -43,11 +43,7 @@ async def playground_config(request: Request) -> dict[str, Any]:
         "required": schema.get("required", []),
         "parameters": parameters,
         "schedulers": [
-            {
-                "name": name,
-                "available": SCHEDULERS[name].available,
-                "description": SCHEDULERS[name].description,
-            }
+            {"name": name, "description": SCHEDULERS[name].description}
             for name in SCHEDULER_NAMES
         ],
     }

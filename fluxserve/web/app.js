@@ -93,14 +93,13 @@ function applyConfig() {
   $("outputFormat").replaceChildren(...params.outputFormat.enum.map((value) => new Option(value, value)));
   $("outputFormat").value = params.outputFormat.default;
   const schedulers = config.schedulers.map((s) => {
-    const option = new Option(s.available ? s.name : `${s.name} (not available yet)`, s.name);
-    option.disabled = !s.available;
+    const option = new Option(s.name, s.name);
     option.title = s.description || "";
     return option;
   });
   $("scheduler").replaceChildren(...schedulers);
   $("scheduler").value = params.scheduler.default;
-  $("scheduler-hint").textContent = `${config.schedulers.filter((s) => s.available).length} of ${config.schedulers.length} available`;
+  $("scheduler-hint").textContent = `${config.schedulers.length} samplers`;
 }
 
 function readSettings() {
