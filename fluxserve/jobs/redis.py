@@ -2,8 +2,9 @@
 
 Each transition is one Lua script (see `redis_scripts` for them and for the key layout), so it is
 atomic on the server: two claimers never lease the same job, and a heartbeat or a result carrying a
-stale lease token changes nothing. A job's record is a hash with one JSON value per Job field, written
-and read generically, so fields added to Job travel without changes here.
+stale lease token changes nothing. A job's record (and a webhook delivery's) is a hash with one JSON
+value per dataclass field, written and read generically, so fields added to Job travel without changes
+here.
 
 Waiting for a job to end does not poll: the script that ends a job publishes its id, and one pub/sub
 connection per store wakes the threads waiting on it.
@@ -18,7 +19,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,7 +28,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from fluxserve.contract import JobState
-from fluxserve.jobs import Job, Lease
+from fluxserve.jobs import Delivery, DeliveryState, IdempotencyConflict, IdempotencyKey, Job, Lease
 from fluxserve.jobs import redis_scripts as scripts
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ class RedisJobStore:
         self._scripts = {
             name: client.register_script(scripts.PRELUDE + getattr(scripts, name))
             for name in ("SUBMIT", "GET", "POSITION", "CLAIM", "HEARTBEAT", "FINISH", "PURGE_EXPIRED",
-                         "COUNT_BY_STATE")
+                         "COUNT_BY_STATE", "REPORT_PROGRESS", "CANCEL", "CLAIM_DELIVERY", "RECORD_ATTEMPT",
+                         "DELIVERIES")
         }
         self._ended = _EndedListener(client, f"{prefix}:ended")
 
@@ -69,11 +71,22 @@ class RedisJobStore:
 
     # -- the protocol --------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> Job:
+    def submit(
+        self, job: Job, *, deliveries: Sequence[Delivery] = (), idempotency: IdempotencyKey | None = None
+    ) -> Job:
         job.state = JobState.QUEUED
-        fields = [item for name_value in _encode(job).items() for item in name_value]
-        created = self._run("SUBMIT", job.id, job.slug, repr(job.created_at) if job.created_at else "", *fields)
-        job.created_at = float(created)
+        # One key namespace per owner: two accounts may use the same key without seeing each other's jobs.
+        scope = json.dumps([idempotency.owner, idempotency.key]) if idempotency else ""
+        outbox = [[d.id, _flat(dataclasses.replace(d, job_id=job.id))] for d in deliveries]
+        answer, value = self._run(
+            "SUBMIT", job.id, job.slug, repr(job.created_at) if job.created_at else "", scope,
+            idempotency.fingerprint if idempotency else "", json.dumps(outbox), *_flat(job),
+        )
+        if answer == "conflict":
+            raise IdempotencyConflict(value)
+        if answer == "existing":
+            return _decode(value)
+        job.created_at = float(value)
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -107,6 +120,13 @@ class RedisJobStore:
         return self._run("FINISH", lease.job_id, json.dumps(lease.token), state.value, json.dumps(result),
                          json.dumps(error), self.retention_seconds) == 1
 
+    def report_progress(self, lease: Lease, progress: dict[str, Any]) -> bool:
+        return self._run("REPORT_PROGRESS", lease.job_id, json.dumps(lease.token), json.dumps(progress)) == 1
+
+    def cancel(self, job_id: str, error: str) -> Job | None:
+        record = self._run("CANCEL", job_id, json.dumps(error), self.retention_seconds)
+        return _decode(record) if record else None
+
     def wait_terminal(self, job_id: str, timeout: float) -> Job | None:
         deadline = time.monotonic() + timeout
         with self._ended.watch(job_id) as ended:
@@ -125,6 +145,27 @@ class RedisJobStore:
             purged += [_decode(record) for record in batch]
             if len(batch) < _PURGE_BATCH:
                 return purged
+
+    # -- the webhook outbox ------------------------------------------------------------------------
+
+    def claim_delivery(self, worker_id: str) -> tuple[Delivery, Lease] | None:
+        token = f"{worker_id}:{uuid.uuid4().hex}"
+        record = self._run("CLAIM_DELIVERY", json.dumps(token), self.lease_seconds)
+        if not record:
+            return None
+        delivery = _decode(record, Delivery)
+        return delivery, Lease(delivery.id, token)
+
+    def record_attempt(
+        self, lease: Lease, attempt: dict[str, Any], state: DeliveryState, next_attempt_at: float = 0.0
+    ) -> bool:
+        # The caller's clock says when to retry; the server's clock keeps time, so it travels as a delay.
+        delay = repr(next_attempt_at - time.time()) if next_attempt_at else ""
+        return self._run("RECORD_ATTEMPT", lease.job_id, json.dumps(lease.token), json.dumps(attempt),
+                         json.dumps(state), delay) == 1
+
+    def deliveries(self, job_id: str) -> list[Delivery]:
+        return [_decode(record, Delivery) for record in self._run("DELIVERIES", job_id)]
 
     def count_by_state(self) -> dict[str, int]:
         flat = self._run("COUNT_BY_STATE")
@@ -154,28 +195,28 @@ def connect(url: str, **options: Any) -> redis.Redis:
     )
 
 
-# -- the record: one hash field per Job field, each value JSON ---------------------------------------
-
-_JOB_FIELDS = dataclasses.fields(Job)
+# -- the record: one hash field per dataclass field (Job, Delivery), each value JSON ------------------
 
 
-def _encode(job: Job) -> dict[str, str]:
-    return {f.name: json.dumps(_plain(getattr(job, f.name))) for f in _JOB_FIELDS}
+def _flat(record: Job | Delivery) -> list[str]:
+    """field, value, field, value, ...: the record as HSET takes it."""
+    fields = dataclasses.fields(record)
+    return [item for f in fields for item in (f.name, json.dumps(_plain(getattr(record, f.name))))]
 
 
 def _plain(value: Any) -> Any:
     return value.value if isinstance(value, enum.Enum) else value
 
 
-def _decode(flat: list[str]) -> Job:
+def _decode(flat: list[str], cls: type = Job) -> Any:
     raw = dict(zip(flat[::2], flat[1::2]))
     values: dict[str, Any] = {}
-    for f in _JOB_FIELDS:
+    for f in dataclasses.fields(cls):
         if f.name in raw:
             value = json.loads(raw[f.name])
             # Enum fields (the state) come back as their value; rebuild them from the default's type.
             values[f.name] = type(f.default)(value) if isinstance(f.default, enum.Enum) else value
-    return Job(**values)
+    return cls(**values)
 
 
 # -- waking waiters ------------------------------------------------------------------------------------

@@ -2,20 +2,34 @@
 
 Key layout (P is the key prefix, `fluxserve` by default):
 
-    P:job:<id>            hash   one field per Job dataclass field, each value JSON text; plus `_seq`
+    P:job:<id>            hash   one field per Job dataclass field, each value JSON text; plus `_seq`,
+                                 and `_idem` / `_idem_fingerprint` (its P:idem key name and the
+                                 request's fingerprint) when it was submitted with an Idempotency-Key
     P:seq                 string submission counter (FIFO order)
     P:queued:<slug>       zset   QUEUED jobs of one model: score = seq, member = id
     P:slugs               set    every slug that has had a queue (a claim with no filter looks at all)
     P:leases              zset   PROCESSING jobs: score = lease expiry (server clock), member = id
     P:ended:<STATE>       zset   COMPLETED / FAILED jobs: score = expires_at, member = id
     P:ended               channel  pub/sub: the id of each job that just ended (wakes waiters)
+    P:idem:<scope>        string the id of the job holding an Idempotency-Key; scope = JSON [owner, key]
+    P:deliveries:<id>     list   the job's webhook delivery ids, oldest first
+    P:delivery:<id>       hash   one field per Delivery dataclass field (JSON), plus `_lease_token`
+    P:outbox              zset   pending deliveries whose trigger has happened: score = when one may
+                                 next be claimed (due, retry or lease-expiry time), member = delivery id
+
+A delivery enters P:outbox when its trigger happens (CLAIM for 'started', a job's end for 'finished')
+and leaves it when it is delivered or given up. An idempotency key, the deliveries and the job are
+written in one SUBMIT, expire with the job (EXPIREAT when it ends) and are deleted with it by
+PURGE_EXPIRED; a key whose job is past retention is free to be taken by a new job.
 
 Every script takes the prefix as ARGV[1]. Times come from the Redis server's clock (TIME), so leases
-mean the same on every host whatever their clocks say. Values the scripts write are JSON text made
-by the caller (tokens, results, errors) or numbers, so Python decodes every field with json.loads.
+mean the same on every host whatever their clocks say (a delivery's retry time travels as a delay).
+Values the scripts write in dataclass fields are JSON text made by the caller (tokens, results,
+errors) or numbers, so Python decodes every field with json.loads; `_`-fields are the store's own.
 The client retries a command whose connection broke. SUBMIT answers a repeat of a call that already
-took effect as the first time. A repeated CLAIM leases a second job (the first one's lease lapses and
-it runs later, as after any crash); a repeated FINISH answers 0, as for any ended job.
+took effect as the first time, and so does CANCEL. A repeated CLAIM (or CLAIM_DELIVERY) leases a
+second job (the first one's lease lapses and it runs later, as after any crash); a repeated FINISH
+(or RECORD_ATTEMPT) answers 0, as for any ended job.
 Scripts name keys they compute from the prefix, so the store needs a single Redis (or a Sentinel
 primary), not Redis Cluster.
 """
@@ -35,8 +49,41 @@ local function field(id, name) return redis.call('HGET', job_key(id), name) end
 local function holds_lease(id, token_json)
   return field(id, 'state') == '"PROCESSING"' and field(id, 'lease_token') == token_json
 end
--- PROCESSING -> COMPLETED | FAILED; the record stays for `retention` seconds, then purge_expired
--- removes it (the key's own TTL, a day later, only matters when no janitor ever runs).
+-- The record as a flat field/value list, or nil when unknown or past retention.
+local function live_record(id)
+  local key = job_key(id)
+  local record = redis.call('HGETALL', key)
+  if #record == 0 then return nil end
+  local expires = redis.call('HGET', key, 'expires_at')
+  if expires and expires ~= 'null' and tonumber(expires) <= now() then return nil end
+  return record
+end
+local function delivery_key(id) return P .. ':delivery:' .. id end
+local function deliveries_key(job_id) return P .. ':deliveries:' .. job_id end
+-- The job's pending deliveries waiting for `trigger` ('started' | 'finished') become due. NX keeps the
+-- place of one already in the outbox (a 'started' delivery of a job claimed a second time).
+local function release_deliveries(id, trigger, t)
+  for _, d in ipairs(redis.call('LRANGE', deliveries_key(id), 0, -1)) do
+    local values = redis.call('HMGET', delivery_key(d), 'trigger', 'state', 'next_attempt_at')
+    if values[1] == '"' .. trigger .. '"' and values[2] == '"pending"' then
+      redis.call('ZADD', P .. ':outbox', 'NX', math.max(t, tonumber(values[3])), d)
+    end
+  end
+end
+-- The keys that live as long as the job: its record, its deliveries and its idempotency key.
+local function expire_with_job(id, at)
+  local key = job_key(id)
+  redis.call('EXPIREAT', key, at)
+  local idem = redis.call('HGET', key, '_idem')
+  if idem and redis.call('GET', idem) == id then redis.call('EXPIREAT', idem, at) end
+  for _, d in ipairs(redis.call('LRANGE', deliveries_key(id), 0, -1)) do
+    redis.call('EXPIREAT', delivery_key(d), at)
+  end
+  redis.call('EXPIREAT', deliveries_key(id), at)
+end
+-- QUEUED | PROCESSING -> COMPLETED | FAILED; the record stays for `retention` seconds, then
+-- purge_expired removes it (the keys' own TTL, a day later, only matters when no janitor ever runs).
+-- Its 'finished' deliveries become due.
 local function end_job(id, state, result_json, error_json, retention)
   local t = now()
   local expires = t + retention
@@ -46,35 +93,50 @@ local function end_job(id, state, result_json, error_json, retention)
              'lease_expires_at', 'null')
   redis.call('ZREM', P .. ':leases', id)
   redis.call('ZADD', P .. ':ended:' .. state, expires, id)
-  redis.call('EXPIREAT', key, math.ceil(expires) + 86400)
+  release_deliveries(id, 'finished', t)
+  expire_with_job(id, math.ceil(expires) + 86400)
   redis.call('PUBLISH', P .. ':ended', id)
 end
 """
 
-# ARGV: P, id, slug, created_at ('' = now), then field/value pairs of the whole record.
+# ARGV: P, id, slug, created_at ('' = now), idempotency scope ('' = none), its fingerprint,
+# deliveries (JSON list of [delivery id, [field, value, ...]]), then field/value pairs of the record.
+# Answers {'created', created_at}; with an idempotency scope held by a live job, creates nothing and
+# answers {'existing', its record} (same fingerprint) or {'conflict', its id}.
 SUBMIT = """
-local id, slug = ARGV[2], ARGV[3]
+local id, slug, scope, fingerprint = ARGV[2], ARGV[3], ARGV[5], ARGV[6]
 local key = job_key(id)
 -- Only a retried call (its first reply was lost) finds the job there already: ids are uuid4.
-if redis.call('EXISTS', key) == 1 then return redis.call('HGET', key, 'created_at') end
+if redis.call('EXISTS', key) == 1 then return {'created', redis.call('HGET', key, 'created_at')} end
+local idem = nil
+if scope ~= '' then
+  idem = P .. ':idem:' .. scope
+  local holder = redis.call('GET', idem)
+  local record = holder and live_record(holder)
+  if record then
+    if field(holder, '_idem_fingerprint') ~= fingerprint then return {'conflict', holder} end
+    return {'existing', record}
+  end
+  redis.call('SET', idem, id)  -- free, or held by a job past retention: the key is ours now
+end
 local seq = redis.call('INCR', P .. ':seq')
 local created = ARGV[4]
 if created == '' then created = num(now()) end
-redis.call('HSET', key, unpack(ARGV, 5))
+redis.call('HSET', key, unpack(ARGV, 8))
 redis.call('HSET', key, 'created_at', created, '_seq', seq)
+if idem then redis.call('HSET', key, '_idem', idem, '_idem_fingerprint', fingerprint) end
+for _, delivery in ipairs(cjson.decode(ARGV[7])) do
+  redis.call('HSET', delivery_key(delivery[1]), unpack(delivery[2]))
+  redis.call('RPUSH', deliveries_key(id), delivery[1])
+end
 redis.call('ZADD', P .. ':queued:' .. slug, seq, id)
 redis.call('SADD', P .. ':slugs', slug)
-return created
+return {'created', created}
 """
 
 # ARGV: P, id. The record as a flat field/value list, or nil when unknown or past retention.
 GET = """
-local key = job_key(ARGV[2])
-local record = redis.call('HGETALL', key)
-if #record == 0 then return nil end
-local expires = redis.call('HGET', key, 'expires_at')
-if expires and expires ~= 'null' and tonumber(expires) <= now() then return nil end
-return record
+return live_record(ARGV[2])
 """
 
 # ARGV: P, id. Jobs of the same slug ahead of this one; nil unless QUEUED.
@@ -86,7 +148,8 @@ return redis.call('ZRANK', P .. ':queued:' .. cjson.decode(field(id, 'slug')), i
 
 # ARGV: P, token (JSON), lease_seconds, max_attempts, retention, exhausted error (JSON), slugs...
 # First every lapsed lease is settled: back to its queue at its old place, or FAILED when it used its
-# last attempt. Then the oldest head among the slugs' queues is leased.
+# last attempt. Then the oldest head among the slugs' queues is leased, with no progress yet, and
+# its 'started' deliveries become due.
 CLAIM = """
 local token, lease, max_attempts, retention = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local t = now()
@@ -117,8 +180,9 @@ redis.call('ZREM', best_queue, best)
 local key = job_key(best)
 redis.call('HINCRBY', key, 'attempts', 1)
 redis.call('HSET', key, 'state', '"PROCESSING"', 'lease_token', token, 'lease_expires_at', num(t + lease),
-           'started_at', num(t))
+           'started_at', num(t), 'progress', 'null')
 redis.call('ZADD', P .. ':leases', t + lease, best)
+release_deliveries(best, 'started', t)
 return redis.call('HGETALL', key)
 """
 
@@ -140,8 +204,95 @@ end_job(id, ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]))
 return 1
 """
 
-# ARGV: P, limit. Removes up to `limit` ended jobs past their retention; returns their records.
+# ARGV: P, id, token (JSON), progress (JSON). 1 when the lease was ours and the progress is replaced.
+REPORT_PROGRESS = """
+local id = ARGV[2]
+if not holds_lease(id, ARGV[3]) then return 0 end
+redis.call('HSET', job_key(id), 'progress', ARGV[4])
+return 1
+"""
+
+# ARGV: P, id, error (JSON), retention. QUEUED | PROCESSING -> FAILED (a running job's lease goes with
+# it, so its worker's next report is refused); an ended job is left alone. Answers the record as GET.
+CANCEL = """
+local id = ARGV[2]
+local state = field(id, 'state')
+if state == '"QUEUED"' then
+  redis.call('ZREM', P .. ':queued:' .. cjson.decode(field(id, 'slug')), id)
+end
+if state == '"QUEUED"' or state == '"PROCESSING"' then
+  end_job(id, 'FAILED', field(id, 'result'), ARGV[3], tonumber(ARGV[4]))
+end
+return live_record(id)
+"""
+
+# ARGV: P, token (JSON), lease_seconds. Leases the outbox's first due delivery; its record, or nil.
+CLAIM_DELIVERY = """
+local t = now()
+local outbox = P .. ':outbox'
+while true do
+  local head = redis.call('ZRANGEBYSCORE', outbox, '-inf', t, 'LIMIT', 0, 1)
+  if #head == 0 then return nil end
+  local id = head[1]
+  local key = delivery_key(id)
+  if redis.call('HGET', key, 'state') == '"pending"' then
+    redis.call('HSET', key, '_lease_token', ARGV[2])
+    redis.call('ZADD', outbox, t + tonumber(ARGV[3]), id)  -- unclaimable until the lease lapses
+    return redis.call('HGETALL', key)
+  end
+  redis.call('ZREM', outbox, id)  -- gone with its job (the keys' TTL): nothing to deliver
+end
+"""
+
+# ARGV: P, delivery id, token (JSON), attempt (JSON), state (JSON), retry delay in seconds ('' = none).
+# Appends the attempt, sets the state and releases the lease: a pending delivery is due again after
+# the delay, an ended one leaves the outbox. 0 (and no change) when the lease is stale.
+RECORD_ATTEMPT = """
+local id, state = ARGV[2], ARGV[5]
+local key = delivery_key(id)
+local held = redis.call('HMGET', key, 'state', '_lease_token', 'attempts')
+if held[1] ~= '"pending"' or held[2] ~= ARGV[3] then return 0 end
+-- Appended as text, so the caller's JSON is kept exactly as it was written.
+local attempts = '[' .. ARGV[4] .. ']'
+if not string.match(held[3], '^%[%s*%]$') then
+  attempts = string.sub(held[3], 1, -2) .. ',' .. ARGV[4] .. ']'
+end
+local t = now()
+local next_at = 0
+if ARGV[6] ~= '' then next_at = t + tonumber(ARGV[6]) end
+redis.call('HSET', key, 'attempts', attempts, 'state', state, 'next_attempt_at', num(next_at),
+           '_lease_token', 'null')
+if state == '"pending"' then
+  redis.call('ZADD', P .. ':outbox', math.max(t, next_at), id)
+else
+  redis.call('ZREM', P .. ':outbox', id)
+end
+return 1
+"""
+
+# ARGV: P, job id. The job's delivery records, oldest first.
+DELIVERIES = """
+local records = {}
+for _, id in ipairs(redis.call('LRANGE', deliveries_key(ARGV[2]), 0, -1)) do
+  local record = redis.call('HGETALL', delivery_key(id))
+  if #record > 0 then records[#records + 1] = record end
+end
+return records
+"""
+
+# ARGV: P, limit. Removes up to `limit` ended jobs past their retention, with their deliveries and
+# idempotency keys; returns their records.
 PURGE_EXPIRED = """
+local function forget(id)
+  local key = job_key(id)
+  local idem = redis.call('HGET', key, '_idem')
+  if idem and redis.call('GET', idem) == id then redis.call('DEL', idem) end
+  for _, d in ipairs(redis.call('LRANGE', deliveries_key(id), 0, -1)) do
+    redis.call('DEL', delivery_key(d))
+    redis.call('ZREM', P .. ':outbox', d)
+  end
+  redis.call('DEL', deliveries_key(id), key)
+end
 local t, limit = now(), tonumber(ARGV[2])
 local purged = {}
 for _, state in ipairs({'COMPLETED', 'FAILED'}) do
@@ -149,7 +300,7 @@ for _, state in ipairs({'COMPLETED', 'FAILED'}) do
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', ended, '-inf', t, 'LIMIT', 0, limit)) do
     local record = redis.call('HGETALL', job_key(id))
     if #record > 0 then purged[#purged + 1] = record end
-    redis.call('DEL', job_key(id))
+    forget(id)
     redis.call('ZREM', ended, id)
   end
 end
