@@ -95,7 +95,7 @@ class Services:
         self.access = Access.open(settings)
         self.engine = EngineSlot()
         self.worker: Worker | None = None
-        self.webhooks = OwnerWebhooks(settings)
+        self.webhooks = OwnerWebhooks(settings, self.access.store)
         self.deadlines = DeadlineWatcher(self.store)
         self.webhook_sender = WebhookSender.from_settings(self.store, self.webhooks, settings)
         self.workers: list[Worker] = []

@@ -14,7 +14,7 @@ Everything lives behind `AccountStore`, so it can share whatever store the deplo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -28,6 +28,10 @@ class Account:
     max_in_flight: int  # jobs in flight per key; 0 = unlimited
     models: tuple[str, ...] | None  # allowed slugs; None = all
     created_at: float
+    # Webhooks for the account's requests: the default URL (None: only where a request names one) and
+    # the Standard Webhooks secret that signs them (kept out of repr, so it never reaches a log).
+    webhook_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
 
     @property
     def available(self) -> int:
@@ -89,7 +93,8 @@ class AccountStore(Protocol):
         self, name: str, *, credits: int, rate_per_minute: float, max_in_flight: int,
         models: tuple[str, ...] | None,
     ) -> Account:
-        """A new account; its opening balance is a `credit` ledger row. ValueError if the name is taken."""
+        """A new account with its own webhook secret; its opening balance is a `credit` ledger row.
+        ValueError if the name is taken."""
 
     def get_account(self, account_id: str) -> Account | None: ...
 
@@ -111,6 +116,12 @@ class AccountStore(Protocol):
 
     def has_keys(self) -> bool:
         """True once any key was ever created (revoked ones count)."""
+
+    def set_webhook_url(self, account_id: str, url: str | None) -> Account:
+        """Set (or, with None, clear) the account's default webhook URL."""
+
+    def rotate_webhook_secret(self, account_id: str) -> Account:
+        """Replace the account's webhook signing secret with a new one."""
 
     def reserve(self, job_id: str, account_id: str, key_id: str, amount: int) -> Reservation:
         """Hold `amount` for the job, atomically with the checks: TooManyInFlight when the key has its

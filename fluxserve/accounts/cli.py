@@ -1,4 +1,5 @@
-"""`fluxserve keys create | list | revoke | top-up`: accounts and their API keys, on the server's store."""
+"""`fluxserve keys create | list | revoke | top-up | webhook`: accounts, their API keys and webhook
+settings, on the server's store."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from fluxserve.accounts import Account
 from fluxserve.accounts.access import Access
 from fluxserve.accounts.keys import key_id_of
 from fluxserve.accounts.money import to_credits, to_micros
 from fluxserve.config import Settings
+from fluxserve.webhooks.targets import WebhookTargetError, check_url
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys, accounts and credits.")
 
@@ -58,6 +61,8 @@ def create(
             except ValueError as exc:
                 raise typer.BadParameter(str(exc)) from None
             typer.echo(f"Created account {name}: {_describe(account)}")
+            typer.echo(f"Webhook signing secret (also shown by `fluxserve keys webhook {name}`):")
+            typer.echo(account.webhook_secret)
         elif any(option is not None for option in (credits, rate, concurrency, models)):
             raise typer.BadParameter(
                 f"account {name!r} exists; it keeps its settings (add credits with `fluxserve keys top-up`)"
@@ -89,6 +94,7 @@ def list_keys(
             "requests_per_minute": account.rate_per_minute,
             "jobs_in_flight": account.max_in_flight,
             "models": list(account.models) if account.models is not None else None,
+            "webhook_url": account.webhook_url,
             "keys": [
                 {"id": key.id, "created_at": key.created_at, "revoked": key.revoked_at is not None}
                 for key in keys if key.account_id == account.id
@@ -139,13 +145,48 @@ def top_up(
         raise typer.BadParameter("--credits must be positive")
     access = open_access(data_dir)
     try:
-        account = access.store.find_account(name)
-        if account is None:
-            raise typer.BadParameter(f"no account named {name!r}")
+        account = _account_named(access, name)
         account = access.store.top_up(account.id, to_micros(credits), note)
         typer.echo(f"{name}: {_describe(account)}")
     finally:
         access.close()
+
+
+@keys_app.command("webhook")
+def webhook(
+    name: Annotated[str, typer.Argument(help="Account name")],
+    url: Annotated[Optional[str], typer.Option(help="Default webhook URL for the account's requests")] = None,
+    clear_url: Annotated[bool, typer.Option("--clear-url", help="Remove the default webhook URL")] = False,
+    rotate_secret: Annotated[bool, typer.Option("--rotate-secret", help="Replace the signing secret")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Show or change an account's webhook settings: its default URL and its signing secret."""
+    if url is not None and clear_url:
+        raise typer.BadParameter("give --url or --clear-url, not both")
+    access = open_access(data_dir)
+    try:
+        account = _account_named(access, name)
+        if url is not None:
+            try:
+                check_url(url, allow_private=access.settings.webhook_allow_private)
+            except WebhookTargetError as exc:
+                raise typer.BadParameter(str(exc)) from None
+        if url is not None or clear_url:
+            account = access.store.set_webhook_url(account.id, url)
+        if rotate_secret:
+            account = access.store.rotate_webhook_secret(account.id)
+            typer.echo("New signing secret; webhooks are signed with it from now on.")
+    finally:
+        access.close()
+    typer.echo(f"{name}: default webhook {account.webhook_url or 'none (only where a request names one)'}")
+    typer.echo(f"signing secret: {account.webhook_secret}")
+
+
+def _account_named(access: Access, name: str) -> Account:
+    account = access.store.find_account(name)
+    if account is None:
+        raise typer.BadParameter(f"no account named {name!r}")
+    return account
 
 
 def _describe(account) -> str:

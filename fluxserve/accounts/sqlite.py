@@ -17,6 +17,7 @@ from pathlib import Path
 from fluxserve.accounts import Account, ApiKey, LedgerEntry, NotEnoughCredits, Reservation, TooManyInFlight
 from fluxserve.accounts.ratelimit import gcra
 from fluxserve.dbfile import SqliteFile
+from fluxserve.webhooks.signing import new_secret
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -67,12 +68,25 @@ CREATE TABLE IF NOT EXISTS rate_limits (
     tat    REAL NOT NULL
 );
 """
+# Account columns added after the first release; databases made before them gain them on open.
+_ACCOUNT_COLUMNS = {"webhook_url": "TEXT", "webhook_secret": "TEXT"}
 
 
 class SqliteAccountStore:
     def __init__(self, path: Path | str) -> None:
         self.file = SqliteFile(path)
         self.file.db().executescript(_SCHEMA)
+        self._migrate_webhook_columns()
+
+    def _migrate_webhook_columns(self) -> None:
+        """Add the webhook columns if missing, and give every account without a secret its own."""
+        with self.file.transaction() as db:
+            present = {row["name"] for row in db.execute("PRAGMA table_info(accounts)")}
+            for name, kind in _ACCOUNT_COLUMNS.items():
+                if name not in present:
+                    db.execute(f"ALTER TABLE accounts ADD COLUMN {name} {kind}")
+            for (account_id,) in db.execute("SELECT id FROM accounts WHERE webhook_secret IS NULL").fetchall():
+                db.execute("UPDATE accounts SET webhook_secret = ? WHERE id = ?", (new_secret(), account_id))
 
     # -- accounts and keys ---------------------------------------------------------------------
 
@@ -86,10 +100,11 @@ class SqliteAccountStore:
         try:
             with self.file.transaction() as db:
                 db.execute(
-                    """INSERT INTO accounts (id, name, balance, rate_per_minute, max_in_flight, models, created_at)
-                       VALUES (?, ?, 0, ?, ?, ?, ?)""",
+                    """INSERT INTO accounts (id, name, balance, rate_per_minute, max_in_flight, models, created_at,
+                                            webhook_secret)
+                       VALUES (?, ?, 0, ?, ?, ?, ?, ?)""",
                     (account_id, name, rate_per_minute, max_in_flight,
-                     None if models is None else json.dumps(list(models)), time.time()),
+                     None if models is None else json.dumps(list(models)), time.time(), new_secret()),
                 )
                 _move(db, account_id, "credit", amount=credits, reserved_change=0, note="opening balance")
         except sqlite3.IntegrityError:
@@ -139,6 +154,19 @@ class SqliteAccountStore:
 
     def has_keys(self) -> bool:
         return self.file.db().execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+
+    def set_webhook_url(self, account_id: str, url: str | None) -> Account:
+        return self._update_account(account_id, "webhook_url", url)
+
+    def rotate_webhook_secret(self, account_id: str) -> Account:
+        return self._update_account(account_id, "webhook_secret", new_secret())
+
+    def _update_account(self, account_id: str, column: str, value: str | None) -> Account:
+        with self.file.transaction() as db:
+            cur = db.execute(f"UPDATE accounts SET {column} = ? WHERE id = ?", (value, account_id))
+        if cur.rowcount != 1:
+            raise KeyError(f"no account {account_id}")
+        return self.get_account(account_id)
 
     # -- money ---------------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""`GET /v1/account`: the calling key's account: credits, limits, allowed models and prices."""
+"""`GET /v1/account`: the calling key's account: credits, limits, allowed models, prices and default
+webhook. `GET /v1/webhooks/default/secret` (Replicate's path and shape): the account's webhook signing
+secret, for its receivers to verify signatures with."""
 
 from __future__ import annotations
 
@@ -36,8 +38,17 @@ async def account(request: Request) -> dict[str, Any]:
         },
         "jobs_in_flight": in_flight,
         "models": list(current.models) if current.models is not None else None,
+        "webhook_url": current.webhook_url,
         "pricing": {
             "per_image": services.settings.price_per_image,
             "per_megapixel_step": services.settings.price_per_megapixel_step,
         },
     }
+
+
+@router.get("/v1/webhooks/default/secret")
+async def webhook_secret(request: Request) -> dict[str, str]:
+    caller = await authenticate(request)
+    if caller.account is None:
+        raise not_found("No account: this server does not ask for API keys; the operator holds the secret")
+    return {"key": caller.account.webhook_secret}  # the account as read for this request

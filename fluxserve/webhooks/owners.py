@@ -1,7 +1,10 @@
 """Per-owner webhook settings: the signing secret and the default URL for a job's owner.
 
-This is the seam to accounts: today every owner gets the operator's settings (`webhook_secret`,
-`webhook_default_url`); an accounts backend overrides `secret` and `default_url` to answer per API key. With no secret configured, one is generated on first use and kept in
+A job made with an API key belongs to that key's account, and the account's own settings answer:
+its secret (made with the account, rotated with `fluxserve keys webhook NAME --rotate-secret`) and
+its default URL (none until set), so no account can verify, or receive, another's webhooks.
+A job without an owner (keys are off) gets the operator's settings (`webhook_secret`,
+`webhook_default_url`); with no secret configured, one is generated on first use and kept in
 `data_dir/webhook-secret` (readable by the operator only), so signatures survive restarts.
 """
 
@@ -12,6 +15,7 @@ import os
 import threading
 from pathlib import Path
 
+from fluxserve.accounts import AccountStore
 from fluxserve.config import Settings
 from fluxserve.webhooks.signing import new_secret, secret_bytes
 
@@ -21,8 +25,9 @@ SECRET_FILE = "webhook-secret"
 
 
 class OwnerWebhooks:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, accounts: AccountStore) -> None:
         self.settings = settings
+        self.accounts = accounts
         self._secret: str | None = settings.webhook_secret
         self._lock = threading.Lock()
         if self._secret is not None:
@@ -30,10 +35,21 @@ class OwnerWebhooks:
 
     def default_url(self, owner: str | None) -> str | None:
         """Where the owner's requests that name no webhook are reported (None: nowhere)."""
-        return self.settings.webhook_default_url
+        if owner is None:
+            return self.settings.webhook_default_url
+        account = self.accounts.get_account(owner)
+        return account.webhook_url if account else None
 
     def secret(self, owner: str | None) -> str:
         """The `whsec_…` secret that signs webhooks for the owner's requests."""
+        account = self.accounts.get_account(owner) if owner is not None else None
+        if account is not None and account.webhook_secret:
+            return account.webhook_secret
+        if owner is not None:  # accounts are never deleted, so this is a store that lost one
+            log.warning("no webhook secret for account %s; signing with the operator's", owner)
+        return self._operator_secret()
+
+    def _operator_secret(self) -> str:
         with self._lock:
             if self._secret is None:
                 self._secret = _load_or_create_secret(self.settings.data_dir / SECRET_FILE)
