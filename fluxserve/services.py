@@ -86,8 +86,10 @@ class EngineSlot:
 
 
 class Services:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, serves_api: bool = True) -> None:
         self.settings = settings
+        # A `fluxserve worker` process answers only /health, /ready and /metrics: no keys to enforce.
+        self.serves_api = serves_api
         self.demo = not settings.model
         self.store = open_store(settings)
         self.outputs = open_outputs(settings)
@@ -108,10 +110,11 @@ class Services:
         if self.demo:
             log.warning("=" * 20 + " DEMO MODE " + "=" * 20)
             log.warning(DEMO_WARNING)
-        refusal = self.access.refusal()
-        if refusal:
-            raise RuntimeError(refusal)
-        self.access.announce()
+        if self.serves_api:
+            refusal = self.access.refusal()
+            if refusal:
+                raise RuntimeError(refusal)
+            self.access.announce()
         self._spawn(self._janitor, "janitor")
         self.webhook_sender.start()
         if self.settings.worker:

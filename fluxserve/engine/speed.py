@@ -123,6 +123,8 @@ def why_not(option: str, value, machine: Machine, settings) -> str | None:
         if value in _ATTENTION_PACKAGES and value not in machine.attention:
             return f"attention backend {value!r} needs {_ATTENTION_PACKAGES[value]}, which is not installed"
     if option == "compile":
+        if getattr(settings, "memory_mode", "none") == "sequential_cpu_offload":
+            return "torch.compile does not combine with sequential CPU offload (weights move layer by layer)"
         if machine.cuda and "triton" not in machine.modules:
             return "torch.compile on CUDA needs triton (it ships with PyTorch's Linux CUDA wheels)"
         if not machine.cuda and not machine.has_cxx:
