@@ -113,7 +113,8 @@ def test_deadline_cancels_automatically(http):
 
 def test_events_stream_monotonic_progress_to_100_then_the_result(http, server):
     submit(http, positivePrompt="a job ahead", width=512, height=512, steps=12)  # so we connect while QUEUED
-    request_id = submit(http, positivePrompt="watch me", width=192, height=128, steps=6)
+    # Long enough (~1 s even on a fast CPU) that the stream, which samples the store, sees several steps.
+    request_id = submit(http, positivePrompt="watch me", width=768, height=512, steps=40)
     events = read_events(f"{server.url}/v2/requests/{request_id}/events", preview="true")
     names = [name for name, _ in events]
     assert names[-1] == "completed" and set(names[:-1]) == {"status"}
@@ -122,11 +123,11 @@ def test_events_stream_monotonic_progress_to_100_then_the_result(http, server):
     reports = [body["progress"] for name, body in events if name == "status" and "progress" in body]
     percents = [report["percent"] for report in reports]
     assert percents == sorted(percents) and percents[-1] == 100.0 and len(set(percents)) >= 2
-    assert all(report["total"] == 6 and 0 <= report["step"] <= 6 for report in reports)
+    assert all(report["total"] == 40 and 0 <= report["step"] <= 40 for report in reports)
     previews = [report["preview"] for report in reports if "preview" in report]
     assert previews and previews[-1].startswith("data:image/jpeg;base64,")
     preview = Image.open(io.BytesIO(base64.b64decode(previews[-1].split(",", 1)[1])))
-    assert preview.size == (24, 16)  # the latent's own resolution: 1/8 of the image
+    assert preview.size == (96, 64)  # the latent's own resolution: 1/8 of the image
     # The status endpoint shows the same progress, without the preview unless the stream asks for it.
     plain = read_events(f"{server.url}/v2/requests/{request_id}/events")
     assert plain[-1][0] == "completed" and all("preview" not in body.get("progress", {}) for _, body in plain)
