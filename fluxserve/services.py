@@ -96,7 +96,6 @@ class Services:
         self.faults = Faults.parse(settings.faults)
         self.access = Access.open(settings)
         self.engine = EngineSlot()
-        self.worker: Worker | None = None
         self.webhooks = OwnerWebhooks(settings, self.access.store)
         self.deadlines = DeadlineWatcher(self.store)
         self.webhook_sender = WebhookSender.from_settings(self.store, self.webhooks, settings)
@@ -177,7 +176,6 @@ class Services:
             )
             self.workers.append(worker)
             worker.start()
-        self.worker = self.workers[0]
 
     def _janitor(self) -> None:
         while not self._stop.wait(self.settings.janitor_interval_seconds):

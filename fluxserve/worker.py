@@ -151,15 +151,11 @@ class Worker:
                 return
             except JobFailure as exc:  # blocked content, out of memory, NaN: the message is for the client
                 log.warning("job %s failed: %s", job.id, exc)
-                if self.store.fail(lease, str(exc)):
-                    self.metrics.job_ended("FAILED")
-                    self._finished(job.id)
+                self._fail(lease, str(exc))
                 return
             except Exception as exc:
                 log.exception("job %s failed", job.id)
-                if self.store.fail(lease, f"Generation failed: {type(exc).__name__}: {exc}"):
-                    self.metrics.job_ended("FAILED")
-                    self._finished(job.id)
+                self._fail(lease, f"Generation failed: {type(exc).__name__}: {exc}")
                 return
         if not self.store.complete(lease, result):
             log.warning("job %s finished after its lease was lost; result discarded", job.id)
@@ -171,6 +167,11 @@ class Worker:
         self.metrics.job_completed(result)
         self._finished(job.id)
         log.info("job %s completed in %.2fs", job.id, result["metrics"]["inference_time"])
+
+    def _fail(self, lease: Lease, error: str) -> None:
+        if self.store.fail(lease, error):
+            self.metrics.job_ended("FAILED")
+            self._finished(lease.job_id)
 
     def _finished(self, job_id: str) -> None:
         if self.on_finished is None:
