@@ -14,7 +14,7 @@ from fluxserve.api.errors import bad_request, not_found
 from fluxserve.contract import GenerateRequest, RequestError, parse_request
 from fluxserve.jobs import Job
 from fluxserve.logs import annotate
-from fluxserve.results import failed_body, media_url_at, result_body_at
+from fluxserve.results import failed_body, result_body_at
 from fluxserve.services import Services
 
 
@@ -34,15 +34,6 @@ def job_urls(request: Request, job_id: str) -> dict[str, str]:
         "poll_url": status_url,
         "response_url": f"{base_url(request)}/v2/requests/{job_id}",
     }
-
-
-def media_url(request: Request, job: Job) -> str:
-    return media_url_at(base_url(request), job, signed_media_query(request, job.id))
-
-
-async def read_generate_request(request: Request) -> GenerateRequest:
-    """The body as a validated GenerateRequest; a 400 naming the problem otherwise."""
-    return validate_generate_request(await read_json_body(request))
 
 
 def validate_generate_request(payload: object) -> GenerateRequest:
