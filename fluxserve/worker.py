@@ -229,6 +229,6 @@ class Worker:
                 "scheduler": request.scheduler,
                 "attempts": job.attempts,
                 "bytes": len(data),
-                **self.engine.speed.metrics(),  # speed_preset, speed_options
+                **self.engine.metrics(),
             },
         }

@@ -11,38 +11,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
-from fluxserve.engine.preview import latent_preview
 from fluxserve.engine.errors import InvalidImage, OutOfMemory
 from fluxserve.engine.memory import after_generation, release_memory
+from fluxserve.engine.preview import latent_preview
+from fluxserve.engine.protocol import (
+    Engine,
+    GenerationCancelled,
+    GenerationParams,
+    PreviewCallback,
+    ProgressCallback,
+)
 from fluxserve.engine.schedulers import build_scheduler
+
+__all__ = ["Engine", "FluxEngine", "GenerationCancelled", "GenerationParams", "load_engine"]
 
 log = logging.getLogger(__name__)
 
 # FLUX's VAE downsamples 8x and the transformer packs 2x2 patches.
 SIZE_MULTIPLE = 16
-
-ProgressCallback = Callable[[int, int], None]
-# Receives a small, cheaply decoded picture of the current latent after each step (a PIL image).
-PreviewCallback = Callable[[object], None]
-
-
-class GenerationCancelled(Exception):
-    """Raised from inside the denoising loop when the caller asks to stop."""
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    seed: int
-    guidance: float
-    scheduler: str = "Euler"
-
 
 def padded(size: int) -> int:
     return -(-size // SIZE_MULTIPLE) * SIZE_MULTIPLE
@@ -56,7 +44,9 @@ def center_crop(image, width: int, height: int):
     return image.crop((left, top, left + width, top + height))
 
 
-class Engine:
+class FluxEngine:
+    """The `Engine` of a loaded FLUX pipeline."""
+
     def __init__(self, pipeline, *, max_sequence_length: int = 512, description: str = "", speed=None) -> None:
         self.pipeline = pipeline
         self.max_sequence_length = max_sequence_length
@@ -71,6 +61,9 @@ class Engine:
         # One generation at a time per pipeline: the modules are shared, and on one GPU running two
         # denoising loops side by side is slower than running them one after the other.
         self._lock = threading.Lock()
+
+    def metrics(self) -> dict[str, Any]:
+        return self.speed.metrics()  # speed_preset, speed_options
 
     def generate(
         self,
@@ -150,7 +143,7 @@ def load_engine(settings) -> Engine:
     from fluxserve.engine.speed import plan_speed
 
     speed = apply_speed(pipeline, plan_speed(settings, device))
-    engine = Engine(pipeline, max_sequence_length=settings.max_sequence_length, description=model, speed=speed)
+    engine = FluxEngine(pipeline, max_sequence_length=settings.max_sequence_length, description=model, speed=speed)
     speed.warm_up(engine.generate)
     return engine
 

@@ -1,0 +1,56 @@
+"""What the worker asks of an engine: one image for one set of parameters, with progress hooks.
+
+The real FLUX engine (`fluxserve.engine.FluxEngine`) and the queue-only fake (`fluxserve.engine.fake`)
+both satisfy `Engine`; `tests/test_engine_protocol.py` runs a job through the worker on each, so
+neither can drift from what the worker calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from PIL.Image import Image
+
+# After each denoising step: (steps done, steps in all). Raising GenerationCancelled stops the run.
+ProgressCallback = Callable[[int, int], None]
+# A small, cheaply decoded picture of the current latent, just before each progress call.
+PreviewCallback = Callable[[Image], None]
+
+
+class GenerationCancelled(Exception):
+    """Raised from inside the denoising loop when the caller asks to stop."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """An engine's parameters (the contract's request maps onto them in one place:
+    `GenerateRequest.generation_params`)."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seed: int
+    guidance: float
+    scheduler: str = "Euler"
+
+
+@runtime_checkable
+class Engine(Protocol):
+    # What is loaded, for logs and /health.
+    description: str
+
+    def generate(
+        self,
+        params: GenerationParams,
+        on_step: ProgressCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> Image:
+        """One image of exactly params.width × params.height; the same params give the same pixels."""
+        ...
+
+    def metrics(self) -> dict[str, Any]:
+        """What the engine adds to every job's metrics (e.g. the speed preset and options in use)."""
+        ...
