@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fluxserve.config import Settings  # noqa: E402
-from fluxserve.engine import Engine, GenerationParams  # noqa: E402
+from fluxserve.engine import Engine, FluxEngine, GenerationParams  # noqa: E402
 from fluxserve.engine.optimize import apply_speed  # noqa: E402
 from fluxserve.engine.speed import plan_speed  # noqa: E402
 
@@ -284,7 +284,7 @@ def engine_for(variant: str, pipe, args, warmup: tuple[int, int]):
     settings = Settings(speed_preset=variant, speed_warmup_sizes=f"{warmup[0]}x{warmup[1]}",
                         speed_compile_cache_dir=args.cache_dir, device=args.device, **overrides)
     speed = apply_speed(pipe, plan_speed(settings, args.device))
-    engine = Engine(pipe, max_sequence_length=TEXT_TOKENS, description=variant, speed=speed)
+    engine = FluxEngine(pipe, max_sequence_length=TEXT_TOKENS, description=variant, speed=speed)
     speed.warm_up(engine.generate)
 
     def generate(width, height, seed):
@@ -349,15 +349,14 @@ def http_latency(engine: Engine, args) -> dict:
     import httpx
     import uvicorn
 
-    from fluxserve import services
     from fluxserve.api import create_app
+    from fluxserve.services import Services
 
     width, height = args.sizes[0]
-    # The server loads its engine with services.load_engine(settings): hand it the one already built.
-    load_engine, services.load_engine = services.load_engine, lambda _settings: engine
     with tempfile.TemporaryDirectory() as data_dir:
         settings = Settings(data_dir=Path(data_dir), model=f"bench:{engine.description}", port=free_port())
-        app = create_app(settings)
+        # The server runs the engine already built here instead of loading one.
+        app = create_app(settings, Services(settings, engine_loader=lambda _settings: engine))
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fluxserve.accounts.access import Access
@@ -86,8 +87,16 @@ class EngineSlot:
 
 
 class Services:
-    def __init__(self, settings: Settings, *, serves_api: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        serves_api: bool = True,
+        engine_loader: Callable[[Settings], Engine] = load_engine,
+    ) -> None:
         self.settings = settings
+        # How the embedded worker gets its engine (a test or a benchmark may hand in one it built).
+        self.engine_loader = engine_loader
         # A `fluxserve worker` process answers only /health, /ready and /metrics: no keys to enforce.
         self.serves_api = serves_api
         self.demo = not settings.model
@@ -151,7 +160,7 @@ class Services:
         # Loading a real model takes a while; the API answers (and queues jobs) meanwhile.
         try:
             self.faults.before_load()
-            engine = load_engine(self.settings)
+            engine = self.engine_loader(self.settings)
             moderation = load_moderation(self.settings)
         except Exception as exc:
             log.exception("model failed to load")
