@@ -389,7 +389,6 @@ def http_latency(engine: Engine, args) -> dict:
         finally:
             server.should_exit = True
             thread.join(60)
-            services.load_engine = load_engine
     http_s, engine_s = statistics.median(http_s), statistics.median(engine_s)
     return {"preset": args.http_preset, "width": width, "height": height, "http_s": http_s, "engine_s": engine_s,
             "overhead_s": http_s - engine_s, "metrics": metrics}
