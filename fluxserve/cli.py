@@ -7,17 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from fluxserve.accounts.cli import keys_app
 from fluxserve.config import Settings
+from fluxserve.keys_cli import keys_app
 from fluxserve.logs import configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-hosted FLUX text-to-image API.")
 app.add_typer(keys_app, name="keys")
 
 
-def settings_with(**overrides) -> Settings:
+def settings_with(**overrides: object) -> Settings:
     """Settings from the environment, with the CLI flags that were given on top."""
-    return Settings(**{name: value for name, value in overrides.items() if value is not None})
+    return Settings().with_overrides(**overrides)
 
 
 @app.command()
@@ -32,19 +32,18 @@ def serve(
     auth: Annotated[Optional[str], typer.Option(help="API keys: required | off | auto [env FLUXSERVE_AUTH]")] = None,
 ) -> None:
     """Start the API (with an embedded worker unless --no-worker / FLUXSERVE_WORKER=false)."""
-    from fluxserve.accounts.access import Access
     from fluxserve.api import create_app
+    from fluxserve.services import Services
 
     if auth not in (None, "required", "off", "auto"):
         raise typer.BadParameter("--auth must be required, off or auto")
     settings = settings_with(host=host, port=port, model=model, data_dir=data_dir, worker=worker, auth=auth)
-    access = Access.open(settings)
-    refusal = access.refusal()
-    access.close()
+    services = Services(settings)
+    refusal = services.access.refusal()
     if refusal:
         typer.echo(refusal, err=True)
         raise typer.Exit(2)
-    run_http(create_app(settings), settings)
+    run_http(create_app(settings, services), settings)
 
 
 @app.command("worker")
@@ -63,7 +62,7 @@ def worker_command(
     run_http(create_worker_app(settings), settings)
 
 
-def run_http(asgi_app, settings: Settings) -> None:
+def run_http(asgi_app: object, settings: Settings) -> None:
     import uvicorn
 
     configure_logging(settings.log_level, settings.log_format)
@@ -104,7 +103,7 @@ def generate(
 
     from fluxserve.contract import RequestError, parse_request
     from fluxserve.encode import encode_image
-    from fluxserve.engine import GenerationParams, load_engine
+    from fluxserve.engine import load_engine
 
     configure_logging("WARNING")
     fmt = output_format or {"png": "PNG", "webp": "WEBP"}.get(output.suffix.lower().lstrip("."), "JPG")
@@ -124,8 +123,7 @@ def generate(
         return
     settings = settings_with(model=model, data_dir=data_dir)
     engine = load_engine(settings)
-    params = GenerationParams(request.positivePrompt, request.width, request.height, request.steps,
-                              request.seed, request.CFGScale, request.scheduler)
+    params = request.generation_params()
     with tqdm(total=request.steps, unit="step") as bar:
         image = engine.generate(params, on_step=lambda step, total: bar.update(step - bar.n))
     data, _ = encode_image(image, request.outputFormat)

@@ -1,26 +1,42 @@
-"""One Settings object for the whole service: env `FLUXSERVE_*`, CLI flags override."""
+"""The service's settings, in groups: env `FLUXSERVE_*` (flat names, as documented), CLI flags override.
+
+Each group is a small model that the module it configures takes on its own (the engine gets
+`ModelSettings` and `SpeedSettings`, the webhook sender `WebhookSettings`, ...). The environment
+keeps its flat names: a group field's env name is `FLUXSERVE_` + the group's prefix + the field name
+(`webhooks.secret` ← `FLUXSERVE_WEBHOOK_SECRET`), or the name it lists in `flat_names`
+(`store.url` ← `FLUXSERVE_STORE`). The same flat names work as keyword arguments
+(`Settings(webhook_allow_private=True)`), which is how the CLI passes its flags.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
+ENV_PREFIX = "FLUXSERVE_"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLUXSERVE_", extra="ignore")
+class Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    data_dir: Path = Path(".fluxserve")
-    # Public base URL for status/response/media links; the request's own host when unset.
-    public_url: str | None = None
+    env_prefix: ClassVar[str] = ""
+    # Fields whose flat name is not `env_prefix + field name`.
+    flat_names: ClassVar[dict[str, str]] = {}
 
-    # Model: a Hugging Face repo id, a diffusers folder, or a single-file transformer checkpoint.
+    @classmethod
+    def flat_name(cls, field: str) -> str:
+        return cls.flat_names.get(field, cls.env_prefix + field)
+
+
+class ModelSettings(Group):
+    """What to load and how to place it in memory (fluxserve/engine)."""
+
+    # A Hugging Face repo id, a diffusers folder, or a single-file transformer checkpoint.
     # Unset: the tiny random-weight demo model is built under data_dir and served (loudly).
     model: str | None = None
     # Where the other components come from when `model` is a single-file transformer checkpoint.
@@ -29,104 +45,177 @@ class Settings(BaseSettings):
     device: str | None = None  # cuda if available, else cpu
     dtype: str | None = None  # bfloat16 on GPU, float32 on CPU
     max_sequence_length: int = Field(512, ge=1, le=512)
-
-    # Job store: a URL; unset means the SQLite file under data_dir.
-    store: str | None = None
-    retention_seconds: float = Field(3600.0, gt=0)
-    lease_seconds: float = Field(30.0, gt=0)
-    max_attempts: int = Field(3, ge=1)
-    sync_timeout_seconds: float = Field(600.0, gt=0)
-    max_body_bytes: int = Field(64 * 1024, gt=0)
-    janitor_interval_seconds: float = Field(30.0, gt=0)
-
-    # Run a worker inside the API process (the embedded default).
-    worker: bool = True
-
-    # Webhooks, cancel deadlines and progress previews.
-    # The Standard Webhooks signing secret (whsec_…); unset: generated once into data_dir/webhook-secret.
-    webhook_secret: str | None = None
-    webhook_default_url: str | None = None  # for requests that name no webhook
-    # Allow loopback/private/link-local webhook targets (off: such targets are refused, against SSRF).
-    webhook_allow_private: bool = False
-    webhook_timeout_seconds: float = Field(10.0, gt=0)
-    webhook_backoff_seconds: float = Field(1.0, gt=0)  # first retry delay, doubled after each failure
-    webhook_max_backoff_seconds: float = Field(120.0, gt=0)
-    webhook_max_age_seconds: float = Field(900.0, gt=0)  # stop retrying this long after the first attempt
-    webhook_senders: int = Field(4, ge=1)
-    webhook_poll_seconds: float = Field(0.5, gt=0)
-    previews: bool = True  # low-resolution latent previews in progress reports
-
-    # Fleet: shared stores, separate API and worker processes, observability.
-    # Key prefix in Redis (job store and output store), so several deployments can share one server.
-    redis_prefix: str = "fluxserve"
-    # Output media: unset = files under data_dir; `redis://...`; `s3://bucket/prefix` (S3-compatible).
-    output_store: str | None = None
-    s3_endpoint_url: str | None = None  # e.g. a MinIO URL; unset = AWS
-    s3_region: str | None = None
-    s3_presign_seconds: int = Field(0, ge=0)  # > 0: media URLs redirect to pre-signed links
-    worker_concurrency: int = Field(1, ge=1)  # jobs one worker process runs side by side
-    worker_models: str | None = None  # comma-separated slugs this worker claims; unset = `slug`
-    log_format: str = Field("json", pattern="^(json|text)$")
-    log_level: str = "INFO"
-
-    @property
-    def worker_slugs(self) -> list[str]:
-        return [s.strip() for s in (self.worker_models or self.slug).split(",") if s.strip()]
-
-    # Speed options (fluxserve/engine/speed.py). A preset picks the options; each switch set here
-    # overrides the preset (unset = the preset's choice). "auto": quality on CUDA, off elsewhere.
-    speed_preset: Literal["auto", "off", "quality", "balanced", "turbo"] = "auto"
-    speed_bf16: bool | None = None
-    speed_fuse_qkv: bool | None = None
-    # "auto" (the fastest installed: FA3, flash-attn, PyTorch SDPA), "default" (diffusers' own: SDPA)
-    # or any diffusers attention backend name (native, _native_cudnn, flash, _flash_3, sage, ...).
-    speed_attention: str | None = None
-    speed_channels_last_vae: bool | None = None
-    speed_compile: bool | None = None
-    speed_fp8: bool | None = None
-    speed_step_cache: bool | None = None
-    # torch.compile: static shapes by default (one graph per size, compiled once, kept on disk);
-    # dynamic=true compiles one graph for every size (no compile for a new size; slower kernels).
-    speed_compile_mode: str | None = None  # max-autotune-no-cudagraphs on CUDA, default on CPU
-    speed_compile_dynamic: bool = False
-    speed_compile_cache_dir: Path | None = None  # data_dir/compile-cache when unset
-    speed_warmup_sizes: str = "1024x1024"  # compiled at start-up: "WxH,WxH"; empty for none
-    # First-block cache: a step reuses the previous step's residual when the first block's output
-    # moved by less than this (relative mean absolute change). Higher: faster, lower quality.
-    speed_step_cache_threshold: float = Field(0.12, gt=0, le=1)
-    # VAE tiling for large images, decided per request: when the decode would not fit in free GPU
-    # memory, or from this many pixels on (unset: by memory only).
-    speed_auto_vae_tiling: bool = True
-    speed_vae_tiling_min_pixels: int | None = Field(None, gt=0)
-
-    # Fault injection for tests and drills, e.g. "engine_error_on=<substring of a prompt>". Off by default.
-    faults: str = ""
-
-    # Accounts: API keys, credits and rate limits (fluxserve/accounts/).
-    # auto: keys are required once any key exists or the bind is not loopback; off: never (logged).
-    auth: Literal["required", "off", "auto"] = "auto"
-    # Secret for key digests and signed media links; unset: made once into data_dir/auth-secret.
-    auth_secret: str | None = None
-    # Where accounts live (sqlite:///path); unset: the jobs' SQLite file.
-    accounts_store: str | None = None
-    # The price of one image in credits: per image, plus per megapixel per step (0 makes it free).
-    price_per_image: float = Field(1.0, ge=0)
-    price_per_megapixel_step: float = Field(0.0, ge=0)
-
-    # Engine fidelity: LoRA adapters, memory modes for smaller GPUs, content moderation.
     # LoRA adapters fused at start-up: comma-separated LOCATION[:SCALE] (.safetensors file, folder or repo id).
     loras: str = ""
     # "model_cpu_offload" (a component at a time on the GPU) or "sequential_cpu_offload" (layer by layer).
     memory_mode: Literal["none", "model_cpu_offload", "sequential_cpu_offload"] = "none"
     vae_tiling: bool = False  # decode in tiles: 2048² images with little memory (pixels differ slightly)
     vae_slicing: bool = False  # decode a batch one image at a time
-    # Prompt policy (on by default, with the built-in blocklist) and an optional image classifier.
-    moderation: bool = True
-    moderation_blocklist: Path | None = None  # a blocklist file used instead of the built-in one
-    moderation_categories: str = ""  # comma-separated categories to enforce; empty: all in the blocklist
-    moderation_image_classifier: str | None = None  # an image-classification model (repo id or folder)
-    moderation_image_labels: str = "nsfw"  # comma-separated classifier labels that block an image
-    moderation_image_threshold: float = Field(0.5, ge=0, le=1)
+
+
+class SpeedSettings(Group):
+    """Speed options (fluxserve/engine/speed.py). A preset picks the options; each switch set here
+    overrides the preset (unset = the preset's choice). "auto": quality on CUDA, off elsewhere."""
+
+    env_prefix: ClassVar[str] = "speed_"
+
+    preset: Literal["auto", "off", "quality", "balanced", "turbo"] = "auto"
+    bf16: bool | None = None
+    fuse_qkv: bool | None = None
+    # "auto" (the fastest installed: FA3, flash-attn, PyTorch SDPA), "default" (diffusers' own: SDPA)
+    # or any diffusers attention backend name (native, _native_cudnn, flash, _flash_3, sage, ...).
+    attention: str | None = None
+    channels_last_vae: bool | None = None
+    compile: bool | None = None
+    fp8: bool | None = None
+    step_cache: bool | None = None
+    # torch.compile: static shapes by default (one graph per size, compiled once, kept on disk);
+    # dynamic=true compiles one graph for every size (no compile for a new size; slower kernels).
+    compile_mode: str | None = None  # max-autotune-no-cudagraphs on CUDA, default on CPU
+    compile_dynamic: bool = False
+    compile_cache_dir: Path | None = None  # data_dir/compile-cache when unset
+    warmup_sizes: str = "1024x1024"  # compiled at start-up: "WxH,WxH"; empty for none
+    # First-block cache: a step reuses the previous step's residual when the first block's output
+    # moved by less than this (relative mean absolute change). Higher: faster, lower quality.
+    step_cache_threshold: float = Field(0.12, gt=0, le=1)
+    # VAE tiling for large images, decided per request: when the decode would not fit in free GPU
+    # memory, or from this many pixels on (unset: by memory only).
+    auto_vae_tiling: bool = True
+    vae_tiling_min_pixels: int | None = Field(None, gt=0)
+
+
+class StoreSettings(Group):
+    """The job store every API process and worker shares, and its lease and retention rules."""
+
+    flat_names: ClassVar[dict[str, str]] = {"url": "store"}
+
+    url: str | None = None  # sqlite:///path | redis://host:port/db; unset: the SQLite file under data_dir
+    # Key prefix in Redis (job store and output store), so several deployments can share one server.
+    redis_prefix: str = "fluxserve"
+    retention_seconds: float = Field(3600.0, gt=0)
+    lease_seconds: float = Field(30.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    janitor_interval_seconds: float = Field(30.0, gt=0)
+
+
+class OutputSettings(Group):
+    """Where images go: unset = files under data_dir; `redis://...`; `s3://bucket/prefix` (S3-compatible)."""
+
+    flat_names: ClassVar[dict[str, str]] = {"url": "output_store"}
+
+    url: str | None = None
+    s3_endpoint_url: str | None = None  # e.g. a MinIO URL; unset = AWS
+    s3_region: str | None = None
+    s3_presign_seconds: int = Field(0, ge=0)  # > 0: media URLs redirect to pre-signed links
+
+
+class ApiSettings(Group):
+    """The HTTP API's own limits."""
+
+    sync_timeout_seconds: float = Field(600.0, gt=0)  # how long v1 waits for its image
+    max_body_bytes: int = Field(64 * 1024, gt=0)
+
+
+class WorkerSettings(Group):
+    """The worker: embedded in the API process by default, or `fluxserve worker` on its own."""
+
+    env_prefix: ClassVar[str] = "worker_"
+    flat_names: ClassVar[dict[str, str]] = {"embedded": "worker", "previews": "previews"}
+
+    embedded: bool = True  # run a worker inside the API process
+    concurrency: int = Field(1, ge=1)  # jobs one worker process runs side by side
+    models: str | None = None  # comma-separated slugs this worker claims; unset = the model's slug
+    previews: bool = True  # low-resolution latent previews in progress reports
+
+
+class WebhookSettings(Group):
+    env_prefix: ClassVar[str] = "webhook_"
+
+    # The Standard Webhooks signing secret (whsec_…); unset: generated once into data_dir/webhook-secret.
+    secret: str | None = None
+    default_url: str | None = None  # for requests that name no webhook
+    # Allow loopback/private/link-local webhook targets (off: such targets are refused, against SSRF).
+    allow_private: bool = False
+    timeout_seconds: float = Field(10.0, gt=0)
+    backoff_seconds: float = Field(1.0, gt=0)  # first retry delay, doubled after each failure
+    max_backoff_seconds: float = Field(120.0, gt=0)
+    max_age_seconds: float = Field(900.0, gt=0)  # stop retrying this long after the first attempt
+    senders: int = Field(4, ge=1)
+    poll_seconds: float = Field(0.5, gt=0)
+
+
+class AccountSettings(Group):
+    """API keys, credits and rate limits (fluxserve/accounts/)."""
+
+    flat_names: ClassVar[dict[str, str]] = {"store_url": "accounts_store"}
+
+    # auto: keys are required once any key exists or the bind is not loopback; off: never (logged).
+    auth: Literal["required", "off", "auto"] = "auto"
+    # Secret for key digests and signed media links; unset: made once into data_dir/auth-secret.
+    auth_secret: str | None = None
+    store_url: str | None = None  # sqlite:///path; unset: the jobs' SQLite file
+    # The price of one image in credits: per image, plus per megapixel per step (0 makes it free).
+    price_per_image: float = Field(1.0, ge=0)
+    price_per_megapixel_step: float = Field(0.0, ge=0)
+
+
+class ModerationSettings(Group):
+    """Prompt policy (on by default, with the built-in blocklist) and an optional image classifier."""
+
+    env_prefix: ClassVar[str] = "moderation_"
+    flat_names: ClassVar[dict[str, str]] = {"enabled": "moderation"}
+
+    enabled: bool = True
+    blocklist: Path | None = None  # a blocklist file used instead of the built-in one
+    categories: str = ""  # comma-separated categories to enforce; empty: all in the blocklist
+    image_classifier: str | None = None  # an image-classification model (repo id or folder)
+    image_labels: str = "nsfw"  # comma-separated classifier labels that block an image
+    image_threshold: float = Field(0.5, ge=0, le=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path(".fluxserve")
+    # Public base URL for status/response/media links; the request's own host when unset.
+    public_url: str | None = None
+    log_format: str = Field("json", pattern="^(json|text)$")
+    log_level: str = "INFO"
+
+    model: ModelSettings = ModelSettings()
+    speed: SpeedSettings = SpeedSettings()
+    store: StoreSettings = StoreSettings()
+    outputs: OutputSettings = OutputSettings()
+    api: ApiSettings = ApiSettings()
+    worker: WorkerSettings = WorkerSettings()
+    webhooks: WebhookSettings = WebhookSettings()
+    accounts: AccountSettings = AccountSettings()
+    moderation: ModerationSettings = ModerationSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (_Grouped(settings_cls, init_settings), _Grouped(settings_cls, FlatEnv(settings_cls)))
+
+    def with_overrides(self, **flat: Any) -> Settings:
+        """A copy with flat-named values replaced (None values are ignored)."""
+        grouped = group_flat({name: value for name, value in flat.items() if value is not None})
+        data = self.model_dump()
+        for name, value in grouped.items():
+            data[name] = {**data[name], **value} if isinstance(value, dict) else value
+        return Settings.model_validate(data)
+
+    @property
+    def worker_slugs(self) -> list[str]:
+        return [s.strip() for s in (self.worker.models or self.model.slug).split(",") if s.strip()]
 
     @property
     def sqlite_path(self) -> Path:
@@ -142,4 +231,75 @@ class Settings(BaseSettings):
 
     @property
     def compile_cache_dir(self) -> Path:
-        return self.speed_compile_cache_dir or self.data_dir / "compile-cache"
+        return self.speed.compile_cache_dir or self.data_dir / "compile-cache"
+
+
+def _groups() -> dict[str, type[Group]]:
+    return {
+        name: info.annotation
+        for name, info in Settings.model_fields.items()
+        if isinstance(info.annotation, type) and issubclass(info.annotation, Group)
+    }
+
+
+def flat_fields() -> dict[str, tuple[str | None, str]]:
+    """Every flat name → (group or None for a top-level field, field name)."""
+    table: dict[str, tuple[str | None, str]] = {}
+    groups = _groups()
+    for name in Settings.model_fields:
+        if name not in groups:
+            table[name] = (None, name)
+    for group_name, group in groups.items():
+        for field in group.model_fields:
+            table[group.flat_name(field)] = (group_name, field)
+    return table
+
+
+def group_flat(values: dict[str, Any]) -> dict[str, Any]:
+    """Flat names → nested group dicts; a group given whole (object or dict) passes through."""
+    table, groups = flat_fields(), _groups()
+    grouped: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, Group) or (name in groups and isinstance(value, dict)):
+            grouped[name] = value.model_dump() if isinstance(value, Group) else value
+            continue
+        if name not in table:
+            raise ValueError(f"Unknown setting {name!r}")
+        group, field = table[name]
+        if group is None:
+            grouped[field] = value
+        else:
+            grouped.setdefault(group, {})[field] = value
+    return grouped
+
+
+class FlatEnv(PydanticBaseSettingsSource):
+    """`FLUXSERVE_<flat name>` environment variables (case-insensitive), as strings."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ reads every variable at once
+
+    def __call__(self) -> dict[str, Any]:
+        import os
+
+        known = flat_fields()
+        found = {}
+        for key, value in os.environ.items():
+            name = key.upper().removeprefix(ENV_PREFIX).lower()
+            if key.upper().startswith(ENV_PREFIX) and name in known:
+                found[name] = value
+        return found
+
+
+class _Grouped(PydanticBaseSettingsSource):
+    """Another source's flat names, nested into their groups (so sources merge field by field)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], source: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.source = source
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError
+
+    def __call__(self) -> dict[str, Any]:
+        return group_flat(self.source())

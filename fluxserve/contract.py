@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
 
+from fluxserve.engine.protocol import GenerationParams
 from fluxserve.engine.schedulers import SCHEDULER_NAMES, SCHEDULERS, scheduler_docs
 
 DEFAULT_PROMPT = (
@@ -72,6 +73,18 @@ class GenerateRequest(BaseModel):
                 f"scheduler {self.scheduler!r} is not one of: " + ", ".join(SCHEDULER_NAMES)
             )
         return self
+
+    def generation_params(self) -> GenerationParams:
+        """The engine's parameters for this request (the one place the contract's names map onto them)."""
+        return GenerationParams(
+            prompt=self.positivePrompt,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            seed=self.seed,
+            guidance=float(self.CFGScale),
+            scheduler=self.scheduler,
+        )
 
     def with_resolved_seed(self) -> GenerateRequest:
         """Replace `seed: -1` by a concrete random seed, so a retried job draws the same image."""

@@ -60,8 +60,8 @@ class Metrics:
         """Export the shared queue's depth per state, read when scraped."""
         self.registry.register(_QueueDepth(count_by_state))
 
-    def job_completed(self, result: dict[str, Any]) -> None:
-        metrics = result["metrics"]
+    def job_completed(self, metrics: dict[str, Any]) -> None:
+        """A completed job's own metrics (its result's)."""
         self.queue_wait.observe(metrics["queue_time"])
         self.inference.observe(metrics["inference_time"])
         self.encode.observe(metrics["encode_time"])

@@ -11,7 +11,6 @@ import io
 import time
 from typing import Any
 
-from fluxserve.cancel import deadline_error, past_deadline
 from fluxserve.jobs import Job, JobStore, Lease
 
 PREVIEW_JPEG_QUALITY = 70
@@ -37,8 +36,9 @@ class ProgressReporter:
 
         `total` is the sampler's real count of model calls when it differs from `steps` (Heun: 2N−1)."""
         self.total = total or self.total
-        if past_deadline(self.job):
-            self.store.cancel(self.job.id, deadline_error(self.job))
+        deadline = self.job.meta.deadline
+        if deadline is not None and deadline.passed():
+            self.store.cancel(self.job.id, deadline.error)
             return False
         return self.store.report_progress(self.lease, self.snapshot(step))
 

@@ -14,14 +14,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
-from fluxserve.contract import EXTENSIONS, GenerateRequest, JobState
+from fluxserve.contract import EXTENSIONS, JobState
 from fluxserve.encode import encode_image
-from fluxserve.engine import Engine, GenerationCancelled, GenerationParams
+from fluxserve.engine.protocol import Engine, GenerationCancelled
 from fluxserve.failures import JobFailure
-from fluxserve.faults import Faults
-from fluxserve.jobs import Job, JobStore, Lease
+from fluxserve.jobs import Job, JobResult, JobStore, Lease
 from fluxserve.logs import log_context
 from fluxserve.metrics import Metrics
 from fluxserve.moderation import Moderation
@@ -36,13 +34,14 @@ def new_worker_id() -> str:
 
 
 def output_key(job: Job) -> str:
-    return f"{job.id}.{EXTENSIONS[job.params['outputFormat']]}"
+    return f"{job.id}.{EXTENSIONS[job.params.outputFormat]}"
 
 
 class LeaseKeeper:
     """Renews a lease in the background; `lost` is set once the store says it is no longer ours."""
 
-    def __init__(self, store: JobStore, lease: Lease, interval: float, on_renewed=None) -> None:
+    def __init__(self, store: JobStore, lease: Lease, interval: float,
+                 on_renewed: Callable[[], None] | None = None) -> None:
         self.store = store
         self.lease = lease
         self.interval = interval
@@ -80,7 +79,6 @@ class Worker:
         *,
         lease_seconds: float,
         slugs: list[str] | None = None,
-        faults: Faults | None = None,
         idle_poll_seconds: float = 0.2,
         worker_id: str | None = None,
         on_finished: Callable[[str], None] | None = None,
@@ -93,7 +91,6 @@ class Worker:
         self.engine = engine
         self.lease_seconds = lease_seconds
         self.slugs = slugs
-        self.faults = faults or Faults()
         self.idle_poll_seconds = idle_poll_seconds
         self.worker_id = worker_id or new_worker_id()
         # Called with the job id once the job is COMPLETED or FAILED (credits are settled there).
@@ -162,11 +159,11 @@ class Worker:
             self.metrics.job_ended("abandoned")
             current = self.store.get(job.id)
             if current is not None and current.state is JobState.FAILED:  # cancelled at the last moment
-                self.outputs.delete(result["output_key"])
+                self.outputs.delete(result.output_key)
             return
-        self.metrics.job_completed(result)
+        self.metrics.job_completed(result.metrics)
         self._finished(job.id)
-        log.info("job %s completed in %.2fs", job.id, result["metrics"]["inference_time"])
+        log.info("job %s completed in %.2fs", job.id, result.metrics["inference_time"])
 
     def _fail(self, lease: Lease, error: str) -> None:
         if self.store.fail(lease, error):
@@ -181,18 +178,9 @@ class Worker:
         except Exception:  # the janitor's sweep settles it later
             log.exception("after-finish hook for job %s failed", job_id)
 
-    def _generate(self, job: Job, keeper: LeaseKeeper) -> dict[str, Any]:
-        request = GenerateRequest.model_validate(job.params)
-        params = GenerationParams(
-            prompt=request.positivePrompt,
-            width=request.width,
-            height=request.height,
-            steps=request.steps,
-            seed=request.seed,
-            guidance=request.CFGScale,
-            scheduler=request.scheduler,
-        )
-
+    def _generate(self, job: Job, keeper: LeaseKeeper) -> JobResult:
+        request = job.params
+        params = request.generation_params()
         progress = ProgressReporter(self.store, keeper.lease, job, total=params.steps)
 
         def on_step(step: int, total: int) -> None:
@@ -202,7 +190,6 @@ class Worker:
 
         on_step(0, params.steps)  # a job cancelled (or past its deadline) while queued stops here
         self.moderation.check_prompt(params.prompt)
-        self.faults.before_generate(params.prompt)
         started = time.perf_counter()
         on_preview = progress.preview if self.previews else None
         image = self.engine.generate(params, on_step=on_step, on_preview=on_preview)
@@ -215,10 +202,10 @@ class Worker:
         self.outputs.put(key, data)
         encode_time = time.perf_counter() - started
 
-        return {
-            "output_key": key,
-            "media_type": media_type,
-            "metrics": {
+        return JobResult(
+            output_key=key,
+            media_type=media_type,
+            metrics={
                 "inference_time": round(inference_time, 4),
                 "encode_time": round(encode_time, 4),
                 "queue_time": round(max(0.0, (job.started_at or job.created_at) - job.created_at), 4),
@@ -231,4 +218,4 @@ class Worker:
                 "bytes": len(data),
                 **self.engine.metrics(),
             },
-        }
+        )

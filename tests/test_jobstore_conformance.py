@@ -8,16 +8,21 @@ import uuid
 
 import pytest
 
-from fluxserve.contract import JobState
+from fluxserve.contract import GenerateRequest, JobState
 from fluxserve.jobs import (
-    Delivery,
+    Deadline,
     IdempotencyConflict,
     IdempotencyKey,
     Job,
+    JobMeta,
+    JobResult,
     Lease,
-    new_delivery_id,
+    WebhookTarget,
     new_job_id,
 )
+from fluxserve.jobs.outbox import Delivery, new_delivery_id
+from fluxserve.jobs.policy import LeasePolicy
+from fluxserve.jobs.redis import RedisJobStore
 from fluxserve.jobs.sqlite import SqliteJobStore
 
 LEASE = 0.6
@@ -30,13 +35,11 @@ def make_store(request, tmp_path):
     prefix = f"test-{uuid.uuid4().hex[:12]}"  # Redis: a fresh key space per test
 
     def make(**overrides):
-        options = dict(lease_seconds=LEASE, max_attempts=2, retention_seconds=30.0) | overrides
+        policy = LeasePolicy(**(dict(lease_seconds=LEASE, max_attempts=2, retention_seconds=30.0) | overrides))
         if request.param == "sqlite":
-            store = SqliteJobStore(tmp_path / "jobs.sqlite3", **options)
+            store = SqliteJobStore(tmp_path / "jobs.sqlite3", policy)
         elif request.param == "redis":
-            from fluxserve.jobs.redis import RedisJobStore
-
-            store = RedisJobStore.from_url(request.getfixturevalue("redis_url"), prefix=prefix, **options)
+            store = RedisJobStore.from_url(request.getfixturevalue("redis_url"), prefix=prefix, policy=policy)
         opened.append(store)
         return store
 
@@ -54,15 +57,29 @@ def store(make_store):
     return make_store()
 
 
-def submit(store, slug="m", **params) -> Job:
-    return store.submit(Job(id=new_job_id(), slug=slug, params={"n": 1, **params}))
+def request(n: int = 1) -> GenerateRequest:
+    return GenerateRequest(positivePrompt="a cat", seed=n)
+
+
+def result(key: str = "k") -> JobResult:
+    return JobResult(output_key=key, media_type="image/png", metrics={"n": 1})
+
+
+def submit(store, slug="m", i: int = 1) -> Job:
+    return store.submit(Job(id=new_job_id(), slug=slug, params=request(i)))
 
 
 def test_submitted_record_round_trips(store):
-    job = store.submit(Job(id=new_job_id(), slug="m", params={"a": [1, "b"]}, owner="acct-1", meta={"k": {"v": 2}}))
+    meta = JobMeta(webhook=WebhookTarget("https://example.invalid/h", "http://api", "?sig=x"),
+                   deadline=Deadline(5.0, 123.5), cost=1.5)
+    params = GenerateRequest(positivePrompt="a cat", width=136, steps=3, outputFormat="PNG", scheduler="Heun")
+    job = store.submit(Job(id=new_job_id(), slug="m", params=params, owner="acct-1", meta=meta))
     got = store.get(job.id)
-    assert (got.slug, got.params, got.owner, got.meta) == ("m", {"a": [1, "b"]}, "acct-1", {"k": {"v": 2}})
+    assert (got.slug, got.params, got.owner, got.meta, got.result) == ("m", params, "acct-1", meta, None)
     assert got.created_at == pytest.approx(job.created_at)
+    _, lease = store.claim("w")
+    store.complete(lease, result("x.png"))
+    assert store.get(job.id).result == result("x.png")
 
 
 def test_lifecycle_queued_processing_completed(store):
@@ -73,13 +90,13 @@ def test_lifecycle_queued_processing_completed(store):
     assert claimed.id == job.id and claimed.state is JobState.PROCESSING and claimed.attempts == 1
     assert store.queue_position(job.id) is None
     assert store.heartbeat(lease)
-    assert store.complete(lease, {"output_key": "k"})
+    assert store.complete(lease, result("k"))
     done = store.get(job.id)
-    assert done.state is JobState.COMPLETED and done.result == {"output_key": "k"}
+    assert done.state is JobState.COMPLETED and done.result == result("k")
     assert done.finished_at >= done.created_at and done.expires_at > done.finished_at
     # Terminal is terminal: nothing moves it again.
     assert not store.fail(lease, "late")
-    assert not store.complete(lease, {})
+    assert not store.complete(lease, result())
     assert not store.heartbeat(lease)
     assert store.claim("w2") is None
 
@@ -103,7 +120,7 @@ def test_fifo_order_and_positions(store):
     order = []
     while (claimed := store.claim("w")) is not None:
         order.append(claimed[0].id)
-        store.complete(claimed[1], {})
+        store.complete(claimed[1], result())
     assert order == [job.id for job in jobs]
 
 
@@ -125,10 +142,10 @@ def test_lapsed_lease_is_reclaimed_and_stale_owner_is_ignored(store):
     assert reclaimed.id == job.id and reclaimed.attempts == 2 and new.token != old.token
     # The first worker comes back late: its heartbeat and its result change nothing.
     assert not store.heartbeat(old)
-    assert not store.complete(old, {"from": "old"})
+    assert not store.complete(old, result("old"))
     assert store.get(job.id).state is JobState.PROCESSING
-    assert store.complete(new, {"from": "new"})
-    assert store.get(job.id).result == {"from": "new"}
+    assert store.complete(new, result("new"))
+    assert store.get(job.id).result == result("new")
 
 
 def test_heartbeat_keeps_the_lease(store):
@@ -154,12 +171,12 @@ def test_retention_expiry(make_store):
     store = make_store(retention_seconds=0.5)
     job = submit(store)
     _, lease = store.claim("w")
-    store.complete(lease, {"output_key": "x"})
+    store.complete(lease, result("x"))
     assert store.get(job.id) is not None
     time.sleep(0.6)
     assert store.get(job.id) is None
     purged = store.purge_expired()
-    assert [j.id for j in purged] == [job.id] and purged[0].result == {"output_key": "x"}
+    assert [j.id for j in purged] == [job.id] and purged[0].result == result("x")
     assert store.purge_expired() == []
 
 
@@ -181,7 +198,7 @@ def test_concurrent_claimers_never_share_a_job(make_store):
         while (got := store.claim(name)) is not None:
             with lock:
                 claimed.append(got[0].id)
-            assert store.complete(got[1], {})
+            assert store.complete(got[1], result())
 
     threads = [threading.Thread(target=work, args=(s, f"w{i}")) for i, s in enumerate(stores) for _ in range(2)]
     for thread in threads:
@@ -194,7 +211,7 @@ def test_concurrent_claimers_never_share_a_job(make_store):
 def test_wait_terminal_wakes_on_completion(store):
     job = submit(store)
     _, lease = store.claim("w")
-    timer = threading.Timer(0.3, store.complete, args=(lease, {}))
+    timer = threading.Timer(0.3, store.complete, args=(lease, result()))
     timer.start()
     started = time.monotonic()
     done = store.wait_terminal(job.id, timeout=10)
@@ -218,7 +235,7 @@ def test_progress_is_written_only_under_the_lease(store):
     assert store.get(job.id).progress == {"step": 1, "total": 4}
     assert not store.report_progress(Lease(job.id, "someone-else"), {"step": 9, "total": 4})
     assert store.get(job.id).progress == {"step": 1, "total": 4}
-    store.complete(lease, {})
+    store.complete(lease, result())
     assert not store.report_progress(lease, {"step": 2, "total": 4})
 
 
@@ -247,14 +264,14 @@ def test_cancel_processing_job_revokes_the_lease(store):
     # The worker learns it at its next step, and cannot finish the job any more.
     assert not store.report_progress(lease, {"step": 2, "total": 4})
     assert not store.heartbeat(lease)
-    assert not store.complete(lease, {"output_key": "late"})
+    assert not store.complete(lease, result("late"))
     assert store.get(job.id).error == "cancelled"
 
 
 def test_cancel_leaves_terminal_jobs_alone(store):
     job = submit(store)
     _, lease = store.claim("w")
-    store.complete(lease, {"output_key": "k"})
+    store.complete(lease, result("k"))
     after = store.cancel(job.id, "too late")
     assert after.state is JobState.COMPLETED and after.error is None
     assert store.cancel(new_job_id(), "x") is None
@@ -265,29 +282,29 @@ def test_cancel_leaves_terminal_jobs_alone(store):
 
 def test_idempotent_submit_returns_the_first_job(store):
     key = IdempotencyKey("key-1", "fingerprint-a")
-    first = store.submit(Job(id=new_job_id(), slug="m", params={"n": 1}), idempotency=key)
-    again = store.submit(Job(id=new_job_id(), slug="m", params={"n": 1}), idempotency=key)
+    first = store.submit(Job(id=new_job_id(), slug="m", params=request(1)), idempotency=key)
+    again = store.submit(Job(id=new_job_id(), slug="m", params=request(1)), idempotency=key)
     assert again.id == first.id
     assert store.claim("w")[0].id == first.id and store.claim("w") is None  # one job only
     with pytest.raises(IdempotencyConflict) as conflict:
-        store.submit(Job(id=new_job_id(), slug="m", params={"n": 2}), idempotency=IdempotencyKey("key-1", "other"))
+        store.submit(Job(id=new_job_id(), slug="m", params=request(2)), idempotency=IdempotencyKey("key-1", "other"))
     assert conflict.value.job_id == first.id
 
 
 def test_idempotency_keys_are_scoped_to_the_owner(store):
-    mine = store.submit(Job(id=new_job_id(), slug="m", params={}), idempotency=IdempotencyKey("k", "f", "acct-1"))
-    theirs = store.submit(Job(id=new_job_id(), slug="m", params={}), idempotency=IdempotencyKey("k", "f", "acct-2"))
+    mine = store.submit(Job(id=new_job_id(), slug="m", params=request()), idempotency=IdempotencyKey("k", "f", "acct-1"))
+    theirs = store.submit(Job(id=new_job_id(), slug="m", params=request()), idempotency=IdempotencyKey("k", "f", "acct-2"))
     assert mine.id != theirs.id
 
 
 def test_idempotency_key_expires_with_its_job(make_store):
     store = make_store(retention_seconds=0.3)
     key = IdempotencyKey("k", "f")
-    first = store.submit(Job(id=new_job_id(), slug="m", params={}), idempotency=key)
+    first = store.submit(Job(id=new_job_id(), slug="m", params=request()), idempotency=key)
     _, lease = store.claim("w")
-    store.complete(lease, {})
+    store.complete(lease, result())
     time.sleep(0.4)
-    second = store.submit(Job(id=new_job_id(), slug="m", params={}), idempotency=IdempotencyKey("k", "other"))
+    second = store.submit(Job(id=new_job_id(), slug="m", params=request()), idempotency=IdempotencyKey("k", "other"))
     assert second.id != first.id and store.get(second.id).state is JobState.QUEUED
 
 
@@ -298,7 +315,7 @@ def test_concurrent_idempotent_submits_create_one_job(make_store):
 
     def go(handle):
         barrier.wait()
-        ids.append(handle.submit(Job(id=new_job_id(), slug="m", params={}), idempotency=IdempotencyKey("k", "f")).id)
+        ids.append(handle.submit(Job(id=new_job_id(), slug="m", params=request()), idempotency=IdempotencyKey("k", "f")).id)
 
     threads = [threading.Thread(target=go, args=(s,)) for s in stores]
     for thread in threads:
@@ -313,7 +330,7 @@ def test_concurrent_idempotent_submits_create_one_job(make_store):
 
 
 def submit_with_delivery(store, trigger="finished") -> tuple[Job, Delivery]:
-    job = Job(id=new_job_id(), slug="m", params={})
+    job = Job(id=new_job_id(), slug="m", params=request())
     delivery = Delivery(id=new_delivery_id(), job_id=job.id, url="https://example.invalid/hook", trigger=trigger)
     store.submit(job, deliveries=[delivery])
     return job, delivery
@@ -321,51 +338,51 @@ def submit_with_delivery(store, trigger="finished") -> tuple[Job, Delivery]:
 
 def test_finished_delivery_is_due_once_the_job_ends(store):
     job, delivery = submit_with_delivery(store)
-    assert store.claim_delivery("d") is None  # QUEUED: not yet
+    assert store.outbox().claim_delivery("d") is None  # QUEUED: not yet
     _, lease = store.claim("w")
-    assert store.claim_delivery("d") is None  # PROCESSING: not yet
+    assert store.outbox().claim_delivery("d") is None  # PROCESSING: not yet
     store.fail(lease, "boom")
-    claimed, dlease = store.claim_delivery("d")
+    claimed, dlease = store.outbox().claim_delivery("d")
     assert (claimed.id, claimed.job_id, claimed.url, claimed.state) == (delivery.id, job.id, delivery.url, "pending")
-    assert store.claim_delivery("d2") is None  # leased
+    assert store.outbox().claim_delivery("d2") is None  # leased
 
 
 def test_started_delivery_is_due_once_claimed(store):
     job, _ = submit_with_delivery(store, trigger="started")
-    assert store.claim_delivery("d") is None
+    assert store.outbox().claim_delivery("d") is None
     store.claim("w")
-    assert store.claim_delivery("d")[0].job_id == job.id
+    assert store.outbox().claim_delivery("d")[0].job_id == job.id
 
 
 def test_cancelled_job_triggers_its_delivery(store):
     job, _ = submit_with_delivery(store)
     store.cancel(job.id, "cancelled")
-    assert store.claim_delivery("d")[0].job_id == job.id
+    assert store.outbox().claim_delivery("d")[0].job_id == job.id
 
 
 def test_attempts_are_recorded_and_retries_wait(store):
     job, _ = submit_with_delivery(store)
     store.cancel(job.id, "cancelled")
-    _, lease = store.claim_delivery("d")
-    assert store.record_attempt(lease, {"status_code": 500}, "pending", next_attempt_at=time.time() + 0.3)
-    assert not store.record_attempt(lease, {"status_code": 200}, "delivered")  # lease released
-    assert store.claim_delivery("d") is None  # not due yet
+    _, lease = store.outbox().claim_delivery("d")
+    assert store.outbox().record_attempt(lease, {"status_code": 500}, "pending", next_attempt_at=time.time() + 0.3)
+    assert not store.outbox().record_attempt(lease, {"status_code": 200}, "delivered")  # lease released
+    assert store.outbox().claim_delivery("d") is None  # not due yet
     time.sleep(0.35)
-    _, lease = store.claim_delivery("d")
-    assert store.record_attempt(lease, {"status_code": 200}, "delivered")
-    assert store.claim_delivery("d") is None
-    (done,) = store.deliveries(job.id)
+    _, lease = store.outbox().claim_delivery("d")
+    assert store.outbox().record_attempt(lease, {"status_code": 200}, "delivered")
+    assert store.outbox().claim_delivery("d") is None
+    (done,) = store.outbox().deliveries(job.id)
     assert done.state == "delivered" and [a["status_code"] for a in done.attempts] == [500, 200]
 
 
 def test_lapsed_delivery_lease_is_reclaimed(store):
     job, _ = submit_with_delivery(store)
     store.cancel(job.id, "cancelled")
-    _, old = store.claim_delivery("d1")
+    _, old = store.outbox().claim_delivery("d1")
     time.sleep(LEASE + 0.1)
-    _, new = store.claim_delivery("d2")
-    assert not store.record_attempt(old, {"status_code": 200}, "delivered")
-    assert store.record_attempt(new, {"status_code": 200}, "delivered")
+    _, new = store.outbox().claim_delivery("d2")
+    assert not store.outbox().record_attempt(old, {"status_code": 200}, "delivered")
+    assert store.outbox().record_attempt(new, {"status_code": 200}, "delivered")
 
 
 def test_deliveries_go_with_their_job(make_store):
@@ -374,8 +391,8 @@ def test_deliveries_go_with_their_job(make_store):
     store.cancel(job.id, "cancelled")
     time.sleep(0.3)
     assert [j.id for j in store.purge_expired()] == [job.id]
-    assert store.deliveries(job.id) == []
-    assert store.claim_delivery("d") is None
+    assert store.outbox().deliveries(job.id) == []
+    assert store.outbox().claim_delivery("d") is None
 
 
 def test_claim_without_filter_takes_the_oldest_of_any_model(store):
@@ -397,7 +414,7 @@ def test_count_by_state(store):
     for _ in range(3):
         submit(store)
     _, lease = store.claim("w")
-    store.complete(lease, {})
+    store.complete(lease, result())
     _, lease = store.claim("w")
     nonzero = {state: n for state, n in store.count_by_state().items() if n}
     assert nonzero == {"QUEUED": 1, "PROCESSING": 1, "COMPLETED": 1}

@@ -25,8 +25,9 @@ A100 = Machine(device="cuda", capability=(8, 0), modules=frozenset({"torchao", "
 PARAMS = GenerationParams("a stone bridge", 128, 128, steps=4, seed=11, guidance=3.5)
 
 
-def plan(machine: Machine, **settings):
-    return plan_speed(Settings(**settings), machine.device, machine)
+def plan(machine: Machine, **flat):
+    settings = Settings(**flat)
+    return plan_speed(settings.speed, settings.model, machine.device, machine)
 
 
 # -- choosing options ----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import secrets
 from pathlib import Path
 
 from fluxserve.accounts import Account, AccountStore, ApiKey
-from fluxserve.config import Settings
 
 KEY_PREFIX = "fsk_"
 SECRET_FILE = "auth-secret"
@@ -37,11 +36,11 @@ def key_id_of(key: str) -> str | None:
     return key_id if sep and key_id and secret else None
 
 
-def server_secret(settings: Settings) -> bytes:
-    """`auth_secret` when set; otherwise a random secret made once into the data dir (mode 0600)."""
-    if settings.auth_secret:
-        return settings.auth_secret.encode()
-    path = settings.data_dir / SECRET_FILE
+def server_secret(configured: str | None, data_dir: Path) -> bytes:
+    """The configured secret when set; otherwise a random secret made once into the data dir (mode 0600)."""
+    if configured:
+        return configured.encode()
+    path = data_dir / SECRET_FILE
     if not path.exists():
         _create_secret_file(path)
     secret = path.read_bytes().strip()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
 
 MICROS_PER_CREDIT = 1_000_000
 
@@ -16,7 +15,7 @@ def to_credits(micros: int) -> float:
     return micros / MICROS_PER_CREDIT
 
 
-def price(params: dict[str, Any], *, per_image: float, per_megapixel_step: float) -> int:
+def price(width: int, height: int, steps: int, *, per_image: float, per_megapixel_step: float) -> int:
     """What one image costs: a flat part plus a part that grows with its pixels and steps."""
-    megapixel_steps = params["width"] * params["height"] / 1_000_000 * params["steps"]
+    megapixel_steps = width * height / 1_000_000 * steps
     return to_micros(per_image) + to_micros(per_megapixel_step * megapixel_steps)

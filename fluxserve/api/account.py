@@ -7,25 +7,25 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from fluxserve.accounts.money import to_credits
-from fluxserve.api.auth import authenticate
-from fluxserve.api.common import services_of
-from fluxserve.api.errors import not_found
+from fluxserve.api.deps import CallerDep, ServicesDep
+from fluxserve.app.errors import NotFound
 
 router = APIRouter(tags=["account"])
 
 
 @router.get("/v1/account")
-async def account(request: Request) -> dict[str, Any]:
-    caller = await authenticate(request)
-    if caller.account is None:
-        raise not_found("No account: this server does not ask for API keys, so calls are not metered")
-    services = services_of(request)
-    store = services.access.store
-    current = await anyio.to_thread.run_sync(store.get_account, caller.account.id)
-    in_flight = await anyio.to_thread.run_sync(store.in_flight, caller.key.id)
+async def account(services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+    if caller.account is None or caller.key is None:
+        raise NotFound("No account: this server does not ask for API keys, so calls are not metered")
+    store, account_id, key_id = services.accounts, caller.account.id, caller.key.id
+    current, in_flight = await anyio.to_thread.run_sync(
+        lambda: (store.get_account(account_id), store.in_flight(key_id))
+    )
+    if current is None:
+        raise NotFound("No account: it was removed")
     return {
         "name": current.name,
         "key_id": caller.key.id,
@@ -39,16 +39,12 @@ async def account(request: Request) -> dict[str, Any]:
         "jobs_in_flight": in_flight,
         "models": list(current.models) if current.models is not None else None,
         "webhook_url": current.webhook_url,
-        "pricing": {
-            "per_image": services.settings.price_per_image,
-            "per_megapixel_step": services.settings.price_per_megapixel_step,
-        },
+        "pricing": services.billing.price_list(),
     }
 
 
 @router.get("/v1/webhooks/default/secret")
-async def webhook_secret(request: Request) -> dict[str, str]:
-    caller = await authenticate(request)
+async def webhook_secret(caller: CallerDep) -> dict[str, str | None]:
     if caller.account is None:
-        raise not_found("No account: this server does not ask for API keys; the operator holds the secret")
+        raise NotFound("No account: this server does not ask for API keys; the operator holds the secret")
     return {"key": caller.account.webhook_secret}  # the account as read for this request

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from fluxserve import __version__
 from fluxserve.api import account, control, generate, observability, playground, requests
-from fluxserve.api.common import services_of
-from fluxserve.api.errors import ApiError, install_error_handlers, not_found
+from fluxserve.api.deps import ServicesDep
+from fluxserve.api.errors import ApiError, install_error_handlers
+from fluxserve.app.errors import NotFound
 from fluxserve.config import Settings
 from fluxserve.services import DEMO_WARNING, Services
 
@@ -30,7 +32,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.get("/health", tags=["service"])(health)
     app.include_router(observability.router)
     app.add_middleware(observability.RequestContext)
-    app.include_router(generate.router(settings.slug))
+    app.include_router(generate.router(settings.model.slug))
     app.include_router(requests.router)
     app.include_router(account.router)
     app.include_router(control.router)
@@ -42,11 +44,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     return app
 
 
-def services_lifespan(services: Services):
+def services_lifespan(services: Services) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """Start the process's services with the app; stop them (draining its workers) when it shuts down."""
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         services.start()
         try:
             yield
@@ -56,14 +58,13 @@ def services_lifespan(services: Services):
     return lifespan
 
 
-async def health(request: Request) -> dict[str, Any]:
-    services = services_of(request)
+async def health(services: ServicesDep) -> dict[str, Any]:
     settings = services.settings
     body: dict[str, Any] = {
         "status": "ok",
         "version": __version__,
-        "model": settings.model or "tiny random-weight demo model",
-        "slug": settings.slug,
+        "model": settings.model.model or "tiny random-weight demo model",
+        "slug": settings.model.slug,
         "engine": services.engine.state,
         "demo": services.demo,
     }
@@ -74,10 +75,10 @@ async def health(request: Request) -> dict[str, Any]:
     return body
 
 
-async def unknown_route(request: Request, path: str) -> None:
+async def unknown_route(path: str, services: ServicesDep) -> None:
     if path.startswith(("v1/", "v2/")) and path.count("/") == 1:
         slug = path.split("/", 1)[1]
-        if slug == services_of(request).settings.slug:
+        if slug == services.settings.model.slug:
             raise ApiError(405, "Method not allowed: use POST")
-        raise not_found(f"Model not found: {slug}")
-    raise not_found("Endpoint not found")
+        raise NotFound(f"Model not found: {slug}")
+    raise NotFound("Endpoint not found")

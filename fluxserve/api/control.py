@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from fluxserve.api.auth import signed_media_query
-from fluxserve.api.common import base_url, load_job, services_of
-from fluxserve.api.errors import ApiError, not_found
-from fluxserve.cancel import CANCELLED_BY_CLIENT
+from fluxserve.api.deps import CallerDep, ServicesDep, base_url
+from fluxserve.app.access import Caller
 from fluxserve.contract import JobState
 from fluxserve.jobs import Job
-from fluxserve.results import failed_body, job_body, status_body
+from fluxserve.logs import annotate
+from fluxserve.services import Services
+from fluxserve.views import failed_body, status_body
 
 router = APIRouter(tags=["requests"])
 
@@ -27,18 +27,13 @@ KEEPALIVE_SECONDS = 15.0
 
 
 @router.post("/v2/requests/{job_id}/cancel")
-async def cancel_request(request: Request, job_id: str) -> dict[str, Any]:
+async def cancel_request(job_id: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """Cancel a QUEUED or PROCESSING request: it ends FAILED with an error saying it was cancelled.
 
     A queued request never runs; a running one stops at its next denoising step."""
-    await load_job(request, job_id)
-    job = await anyio.to_thread.run_sync(services_of(request).store.cancel, job_id, CANCELLED_BY_CLIENT)
-    if job is None:
-        raise not_found(f"Request {job_id} not found (unknown or expired)")
-    if job.state is JobState.FAILED and job.error == CANCELLED_BY_CLIENT:
-        await anyio.to_thread.run_sync(services_of(request).settle, job_id)  # not charged: released now
-        return failed_body(job)
-    raise ApiError(409, f"Request {job_id} already ended ({job.state.value}); there is nothing to cancel")
+    annotate(job_id=job_id)
+    job = await anyio.to_thread.run_sync(services.control.cancel, caller, job_id)
+    return failed_body(job)
 
 
 @router.get(
@@ -46,24 +41,30 @@ async def cancel_request(request: Request, job_id: str) -> dict[str, Any]:
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-async def request_events(request: Request, job_id: str, preview: bool = False) -> StreamingResponse:
+async def request_events(
+    request: Request, job_id: str, services: ServicesDep, caller: CallerDep, preview: bool = False
+) -> StreamingResponse:
     """Server-Sent Events: a `status` event whenever the status body changes (with `queue_position`
     or `progress`; `?preview=true` adds a small JPEG data URL of the current latent), then one
     `completed` or `failed` event with the result body, and the stream ends."""
-    await load_job(request, job_id)
+    annotate(job_id=job_id)
+    await anyio.to_thread.run_sync(services.results.find, caller, job_id)
     return StreamingResponse(
-        _events(request, job_id, preview),
+        _events(request, services, caller, job_id, preview),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _events(request: Request, job_id: str, preview: bool) -> AsyncIterator[str]:
-    store = services_of(request).store
+async def _events(
+    request: Request, services: Services, caller: Caller, job_id: str, preview: bool
+) -> AsyncIterator[str]:
+    results = services.results
+    base = base_url(request, services)
     last: dict[str, Any] | None = None
     last_sent = time.monotonic()
     while not await request.is_disconnected():
-        job = await anyio.to_thread.run_sync(store.get, job_id)
+        job = await anyio.to_thread.run_sync(services.jobs.get, job_id)
         if job is None:
             yield _event("error", {"error": f"Request {job_id} expired"})
             return
@@ -71,14 +72,9 @@ async def _events(request: Request, job_id: str, preview: bool) -> AsyncIterator
             final = _last_progress(job, preview)
             if final is not None and final != last:
                 yield _event("status", final)  # a fast finish must not hide the last step from the stream
-            yield _event(job.state.value.lower(), job_body(base_url(request), job, signed_media_query(request, job.id)))
+            yield _event(job.state.value.lower(), results.body(caller, job, base))
             return
-        position = (
-            await anyio.to_thread.run_sync(store.queue_position, job_id)
-            if job.state is JobState.QUEUED
-            else None
-        )
-        body = status_body(job, position, preview=preview)
+        body = await anyio.to_thread.run_sync(lambda job=job: results.status(job, preview=preview))
         if body != last:
             yield _event("status", body)
             last, last_sent = body, time.monotonic()

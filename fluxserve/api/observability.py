@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from fluxserve.api.common import services_of
+from fluxserve.api.deps import ServicesDep
 from fluxserve.logs import log_context, new_request_id
 from fluxserve.metrics import CONTENT_TYPE
 
@@ -26,9 +26,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 @router.get("/ready")
-async def ready(request: Request) -> Any:
+async def ready(services: ServicesDep) -> Any:
     """200 when this process can do its job: store reachable, and (if it runs jobs) model loaded."""
-    checks = await anyio.to_thread.run_sync(services_of(request).readiness)
+    checks = await anyio.to_thread.run_sync(services.readiness)
     problems = [f"{name} {state}" for name, state in checks.items() if state not in ("ok", "ready")]
     if problems:
         return JSONResponse({"error": f"Not ready: {', '.join(problems)}", **checks}, status_code=503)
@@ -36,9 +36,9 @@ async def ready(request: Request) -> Any:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
+async def metrics(services: ServicesDep) -> Response:
     """Prometheus metrics of this process."""
-    body = await anyio.to_thread.run_sync(services_of(request).metrics.render)
+    body = await anyio.to_thread.run_sync(services.metrics.render)
     return Response(body, media_type=CONTENT_TYPE)
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 
-from fluxserve.api.common import services_of
-from fluxserve.api.errors import not_found
+from fluxserve.api.deps import ServicesDep
+from fluxserve.app.errors import NotFound
 from fluxserve.contract import DEFAULT_PROMPT, GenerateRequest
 from fluxserve.engine.schedulers import SCHEDULER_NAMES, SCHEDULERS
 
@@ -32,14 +32,14 @@ async def playground() -> HTMLResponse:
 
 
 @router.get("/playground/config.json")
-async def playground_config(request: Request) -> dict[str, Any]:
+async def playground_config(services: ServicesDep) -> dict[str, Any]:
     schema = GenerateRequest.model_json_schema()
     parameters = {name: _field(spec) for name, spec in schema["properties"].items() if name != "base64"}
     parameters["positivePrompt"]["default"] = DEFAULT_PROMPT
     parameters["seed"]["minimum"] = 0  # -1 (a random seed) is offered as its own button
     parameters["seed"]["maximum_text"] = str(parameters["seed"]["maximum"])  # beyond a JS number's precision
     return {
-        "slug": services_of(request).settings.slug,
+        "slug": services.settings.model.slug,
         "required": schema.get("required", []),
         "parameters": parameters,
         "schedulers": [
@@ -69,5 +69,5 @@ def _field(spec: dict[str, Any]) -> dict[str, Any]:
 @router.get("/playground/{name}")
 async def playground_asset(name: str) -> Response:
     if name not in _ASSETS:
-        raise not_found("Not found")
+        raise NotFound("Not found")
     return Response(_web_file(name), media_type=_ASSETS[name], headers={"Cache-Control": "no-cache"})

@@ -17,7 +17,7 @@ from fluxserve.services import Services
 
 
 def create_worker_app(settings: Settings) -> FastAPI:
-    services = Services(settings.model_copy(update={"worker": True}), serves_api=False)
+    services = Services(settings.with_overrides(worker=True), serves_api=False)
     app = FastAPI(title="fluxserve worker", version=__version__, lifespan=services_lifespan(services),
                   openapi_url=None)
     app.state.services = services

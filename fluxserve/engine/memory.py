@@ -15,30 +15,34 @@ from __future__ import annotations
 
 import gc
 import logging
+from typing import Any
+
+from fluxserve.config import ModelSettings
+from fluxserve.engine.lora import fuse_loras
 
 log = logging.getLogger(__name__)
 
-def load_device(settings, device: str) -> str:
+def load_device(config: ModelSettings, device: str) -> str:
     """Where to load the weights: offloading starts from the CPU (never load the whole model on the GPU)."""
-    return "cpu" if settings.memory_mode != "none" else device
+    return "cpu" if config.memory_mode != "none" else device
 
 
-def apply_memory_mode(pipe, settings, device: str) -> None:
+def apply_memory_mode(pipe: Any, config: ModelSettings, device: str) -> None:
     """Install the configured offloading and VAE options on a loaded (and LoRA-fused) pipeline."""
-    if settings.memory_mode == "model_cpu_offload":
+    if config.memory_mode == "model_cpu_offload":
         pipe.enable_model_cpu_offload(device=device)
-    elif settings.memory_mode == "sequential_cpu_offload":
+    elif config.memory_mode == "sequential_cpu_offload":
         pipe.enable_sequential_cpu_offload(device=device)
-    if settings.vae_tiling:
+    if config.vae_tiling:
         pipe.vae.enable_tiling()
-    if settings.vae_slicing:
+    if config.vae_slicing:
         pipe.vae.enable_slicing()
-    if settings.memory_mode != "none" or settings.vae_tiling or settings.vae_slicing:
-        log.info("memory mode %s (vae tiling %s, slicing %s)", settings.memory_mode, settings.vae_tiling,
-                 settings.vae_slicing)
+    if config.memory_mode != "none" or config.vae_tiling or config.vae_slicing:
+        log.info("memory mode %s (vae tiling %s, slicing %s)", config.memory_mode, config.vae_tiling,
+                 config.vae_slicing)
 
 
-def after_generation(pipe) -> None:
+def after_generation(pipe: Any) -> None:
     """Each job runs on a per-job copy of the pipeline; offloaded models go back to the CPU here."""
     if getattr(pipe, "_all_hooks", None):
         pipe.maybe_free_model_hooks()
@@ -53,9 +57,7 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def prepare_pipeline(pipe, settings, device: str) -> None:
+def prepare_pipeline(pipe: Any, config: ModelSettings, device: str) -> None:
     """After loading: fuse the configured LoRAs (on the load device), then install the memory mode."""
-    from fluxserve.engine.lora import fuse_loras
-
-    fuse_loras(pipe, settings.loras)
-    apply_memory_mode(pipe, settings, device)
+    fuse_loras(pipe, config.loras)
+    apply_memory_mode(pipe, config, device)

@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from fluxserve.engine.protocol import GenerationParams
 from fluxserve.engine.speed import SpeedPlan
 from fluxserve.engine.vae_tiling import tiled_if_needed
 
@@ -112,8 +113,6 @@ class AppliedSpeed:
         """Compile for each configured size now, not on a user's request; fall back to eager on failure."""
         if not self.compiled or not self.plan.warmup_sizes:
             return
-        from fluxserve.engine import GenerationParams
-
         for width, height in self.plan.warmup_sizes:
             started = time.perf_counter()
             try:

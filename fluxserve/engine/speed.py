@@ -18,7 +18,8 @@ import shutil
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from fluxserve.engine import SIZE_MULTIPLE
+from fluxserve.config import ModelSettings, SpeedSettings
+from fluxserve.engine.sizes import SIZE_MULTIPLE
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,11 @@ def attention_backend_names() -> set[str]:
     return {"default"} | {backend.value for backend in AttentionBackendName}
 
 
-def why_not(option: str, value, machine: Machine, settings) -> str | None:
+def why_not(option: str, value: object, machine: Machine, model: ModelSettings) -> str | None:
     """Why `option` cannot be applied here, or None when it can."""
-    if option == "bf16" and settings.dtype not in (None, "bfloat16"):
-        return f"FLUXSERVE_DTYPE={settings.dtype} was set explicitly"
-    if option == "attention":
+    if option == "bf16" and model.dtype not in (None, "bfloat16"):
+        return f"FLUXSERVE_DTYPE={model.dtype} was set explicitly"
+    if option == "attention" and isinstance(value, str):
         if value not in attention_backend_names():
             return f"unknown attention backend {value!r}; diffusers has {', '.join(sorted(attention_backend_names()))}"
         if not machine.cuda and value.startswith(_CUDA_ONLY_ATTENTION_PREFIXES):
@@ -123,7 +124,7 @@ def why_not(option: str, value, machine: Machine, settings) -> str | None:
         if value in _ATTENTION_PACKAGES and value not in machine.attention:
             return f"attention backend {value!r} needs {_ATTENTION_PACKAGES[value]}, which is not installed"
     if option == "compile":
-        if getattr(settings, "memory_mode", "none") == "sequential_cpu_offload":
+        if model.memory_mode == "sequential_cpu_offload":
             return "torch.compile does not combine with sequential CPU offload (weights move layer by layer)"
         if machine.cuda and "triton" not in machine.modules:
             return "torch.compile on CUDA needs triton (it ships with PyTorch's Linux CUDA wheels)"
@@ -182,15 +183,21 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(dict.fromkeys(sizes))
 
 
-def plan_speed(settings, device: str, machine: Machine | None = None) -> SpeedPlan:
+def plan_speed(
+    config: SpeedSettings,
+    model: ModelSettings,
+    device: str,
+    machine: Machine | None = None,
+    compile_cache_dir: Path | None = None,
+) -> SpeedPlan:
     """Resolve the configured preset and switches against this machine."""
     machine = machine or Machine.probe(device)
-    preset = settings.speed_preset
+    preset = config.preset
     if preset == "auto":
         preset = "quality" if machine.cuda else "off"
     options = PRESETS[preset]
     for option in fields(SpeedOptions):
-        override = getattr(settings, f"speed_{option.name}")
+        override = getattr(config, option.name)
         if override is not None:
             options = replace(options, **{option.name: override})
     if options.attention == "auto":
@@ -200,19 +207,19 @@ def plan_speed(settings, device: str, machine: Machine | None = None) -> SpeedPl
         options=options,
         # CUDA graphs are left out by default: with per-block compilation each of the 57 blocks would
         # record its own graph per size, for little gain at FLUX's step length. Kernel search pays off on GPUs.
-        compile_mode=settings.speed_compile_mode or ("max-autotune-no-cudagraphs" if machine.cuda else "default"),
-        compile_dynamic=settings.speed_compile_dynamic,
-        compile_cache_dir=settings.compile_cache_dir,
-        warmup_sizes=parse_sizes(settings.speed_warmup_sizes),
-        step_cache_threshold=settings.speed_step_cache_threshold,
-        auto_vae_tiling=settings.speed_auto_vae_tiling,
-        vae_tiling_min_pixels=settings.speed_vae_tiling_min_pixels,
+        compile_mode=config.compile_mode or ("max-autotune-no-cudagraphs" if machine.cuda else "default"),
+        compile_dynamic=config.compile_dynamic,
+        compile_cache_dir=compile_cache_dir or config.compile_cache_dir,
+        warmup_sizes=parse_sizes(config.warmup_sizes),
+        step_cache_threshold=config.step_cache_threshold,
+        auto_vae_tiling=config.auto_vae_tiling,
+        vae_tiling_min_pixels=config.vae_tiling_min_pixels,
     )
     for option in fields(SpeedOptions):
         value = getattr(plan.options, option.name)
         if value in (False, "default"):
             continue
-        reason = why_not(option.name, value, machine, settings)
+        reason = why_not(option.name, value, machine, model)
         if reason:
             plan = plan.without(option.name, reason)
     return plan

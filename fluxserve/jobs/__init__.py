@@ -1,18 +1,26 @@
 """Jobs: the record that crosses the queue, and the JobStore protocol every backend implements.
 
-A job is plain data. The API submits it; a worker claims it with a lease (a token that identifies
-this one attempt), renews the lease while it runs, and completes or fails it. A transition made with
-a stale token (a worker whose lease lapsed and whose job was reclaimed) changes nothing.
+A job is typed data: its parameters are the contract's validated request, its metadata says where
+its webhook goes, when its deadline falls and what it costs, and its result names its image. The API
+submits it; a worker claims it with a lease (a token that identifies this one attempt), renews the
+lease while it runs, and completes or fails it. A transition made with a stale token (a worker whose
+lease lapsed and whose job was reclaimed) changes nothing.
+
+Backends store a job as JSON-able fields (`job_record` / `job_from_record`), so the typed record
+and every store agree field by field.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from fluxserve.contract import JobState
+from fluxserve.contract import GenerateRequest, JobState
+from fluxserve.jobs.outbox import Delivery
 
 
 def new_job_id() -> str:
@@ -20,11 +28,59 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
+@dataclass(frozen=True)
+class WebhookTarget:
+    """Where a job's webhook goes, and how its body names the job's URLs."""
+
+    url: str
+    base_url: str  # the public base URL the job was submitted through
+    media_query: str = ""  # `?sig=...` that lets the media link work without a key
+
+
+@dataclass(frozen=True)
+class Deadline:
+    cancel_after: float  # seconds after submission, as the client asked
+    at: float  # the epoch time it falls
+
+    @property
+    def error(self) -> str:
+        return f"Request cancelled: its deadline ({self.cancel_after:g}s after submission) passed"
+
+    def passed(self, now: float | None = None) -> bool:
+        return (now or time.time()) >= self.at
+
+
+@dataclass(frozen=True)
+class JobMeta:
+    webhook: WebhookTarget | None = None
+    deadline: Deadline | None = None
+    cost: float = 0.0  # credits reserved for the job (0 when nothing is metered)
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> JobMeta:
+        webhook, deadline = data.get("webhook"), data.get("deadline")
+        return cls(
+            webhook=WebhookTarget(**webhook) if webhook else None,
+            deadline=Deadline(**deadline) if deadline else None,
+            cost=data.get("cost", 0.0),
+        )
+
+
+@dataclass(frozen=True)
+class JobResult:
+    output_key: str  # the image's key in the output store
+    media_type: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Job:
     id: str
     slug: str
-    params: dict[str, Any]
+    params: GenerateRequest
     state: JobState = JobState.QUEUED
     created_at: float = 0.0
     started_at: float | None = None
@@ -33,15 +89,34 @@ class Job:
     attempts: int = 0
     lease_token: str | None = None
     lease_expires_at: float | None = None
-    result: dict[str, Any] = field(default_factory=dict)
+    result: JobResult | None = None  # set once COMPLETED
     error: str | None = None
     # The account that submitted the job (None when auth is off); only it may read the job.
     owner: str | None = None
-    # Per-feature data that travels with the job (a backend stores it as one opaque JSON value).
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: JobMeta = field(default_factory=JobMeta)
     # The worker's latest report (step, total, percent, eta_seconds, preview), opaque JSON; cleared
     # when a worker claims the job, kept after it ends.
     progress: dict[str, Any] | None = None
+
+
+def job_record(job: Job) -> dict[str, Any]:
+    """The job as JSON-able fields, one per dataclass field (what a backend writes)."""
+    record = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
+    record["params"] = job.params.model_dump()
+    record["state"] = job.state.value
+    record["result"] = dataclasses.asdict(job.result) if job.result else None
+    record["meta"] = job.meta.to_record()
+    return record
+
+
+def job_from_record(record: dict[str, Any]) -> Job:
+    values = {f.name: record[f.name] for f in dataclasses.fields(Job) if f.name in record}
+    # Validated once, at submit: stored parameters are trusted as they are.
+    values["params"] = GenerateRequest.model_construct(**record["params"])
+    values["state"] = JobState(record["state"])
+    values["result"] = JobResult(**record["result"]) if record.get("result") else None
+    values["meta"] = JobMeta.from_record(record.get("meta") or {})
+    return Job(**values)
 
 
 @dataclass(frozen=True)
@@ -50,34 +125,6 @@ class Lease:
 
     job_id: str
     token: str
-
-
-# -- outbox and idempotency records (webhooks, Idempotency-Key) ------------------------------------
-
-DeliveryTrigger = Literal["started", "finished"]
-DeliveryState = Literal["pending", "delivered", "failed"]
-
-
-@dataclass
-class Delivery:
-    """One message in the durable outbox: a POST owed to `url` once its job reaches `trigger`.
-
-    `trigger` "started" is due once the job has been claimed (started_at set); "finished" once it is
-    COMPLETED or FAILED, whichever way it got there. The record is created with its job (in `submit`)
-    and deleted with it (in `purge_expired`).
-    """
-
-    id: str  # the message id (Standard Webhooks `webhook-id`), the same on every retry
-    job_id: str
-    url: str
-    trigger: DeliveryTrigger = "finished"
-    state: DeliveryState = "pending"
-    attempts: list[dict[str, Any]] = field(default_factory=list)
-    next_attempt_at: float = 0.0  # not before this time (0: as soon as the trigger holds)
-
-
-def new_delivery_id() -> str:
-    return f"msg_{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
@@ -98,6 +145,8 @@ class IdempotencyConflict(Exception):
 
 
 class JobStore(Protocol):
+    """The queue. Its rules for tokens, retries and key scopes are `fluxserve.jobs.policy.LeasePolicy`."""
+
     def submit(
         self, job: Job, *, deliveries: Sequence[Delivery] = (), idempotency: IdempotencyKey | None = None
     ) -> Job:
@@ -108,58 +157,58 @@ class JobStore(Protocol):
         nothing and return that job (same fingerprint) or raise IdempotencyConflict (another fingerprint).
         Concurrent submits with one key create exactly one job. The key lives and expires with its job.
         """
+        ...
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when unknown or past its retention window."""
+        ...
 
     def queue_position(self, job_id: str) -> int | None:
         """How many QUEUED jobs of the same slug are ahead of this one (0 = next); None unless QUEUED."""
+        ...
 
     def claim(self, worker_id: str, slugs: list[str] | None = None) -> tuple[Job, Lease] | None:
         """Take the oldest runnable job (QUEUED, or PROCESSING with a lapsed lease) and lease it."""
+        ...
 
     def heartbeat(self, lease: Lease) -> bool:
         """Extend the lease; False when the lease is no longer ours (stop working on the job)."""
+        ...
 
-    def complete(self, lease: Lease, result: dict[str, Any]) -> bool:
+    def complete(self, lease: Lease, result: JobResult) -> bool:
         """PROCESSING → COMPLETED; False (and no change) when the lease is stale."""
+        ...
 
     def fail(self, lease: Lease, error: str) -> bool:
         """PROCESSING → FAILED; False (and no change) when the lease is stale."""
+        ...
 
     def report_progress(self, lease: Lease, progress: dict[str, Any]) -> bool:
         """Replace the job's `progress` while PROCESSING under this lease; False (and no change) when the
         lease is stale or the job was cancelled: the worker should stop."""
+        ...
 
     def cancel(self, job_id: str, error: str) -> Job | None:
         """QUEUED or PROCESSING → FAILED with `error` (and the lease revoked, so the worker's next
         `report_progress` answers False); a terminal job is left as it is. Returns the job's record after
         the call, or None when unknown."""
+        ...
 
     def wait_terminal(self, job_id: str, timeout: float) -> Job | None:
         """Block until the job is COMPLETED or FAILED or `timeout` passes; return its latest record."""
+        ...
 
     def purge_expired(self) -> list[Job]:
         """Delete jobs past their retention window (with their deliveries and idempotency keys) and
         return them (their media goes too)."""
-
-    def claim_delivery(self, worker_id: str) -> tuple[Delivery, Lease] | None:
-        """Lease the due pending delivery (trigger holds, `next_attempt_at` passed, no live lease) that is
-        due first; the lease lasts as long as a job's, and its `job_id` field names the delivery."""
-
-    def record_attempt(
-        self, lease: Lease, attempt: dict[str, Any], state: DeliveryState, next_attempt_at: float = 0.0
-    ) -> bool:
-        """Append `attempt` to the leased delivery, set its `state` (and `next_attempt_at` when it stays
-        pending) and release the lease; False (and no change) when the lease is stale."""
-
-    def deliveries(self, job_id: str) -> list[Delivery]:
-        """The job's deliveries, oldest first."""
+        ...
 
     def count_by_state(self) -> dict[str, int]:
         """How many jobs are in each state (ended ones until they expire), for metrics."""
+        ...
 
     def ping(self) -> bool:
         """True when the store answers."""
+        ...
 
     def close(self) -> None: ...

@@ -1,10 +1,9 @@
-"""The fleet JobStore on Redis: API replicas and workers on many hosts share one queue.
+"""The fleet JobStore and Outbox on Redis: API replicas and workers on many hosts share one queue.
 
 Each transition is one Lua script (see `redis_scripts` for them and for the key layout), so it is
 atomic on the server: two claimers never lease the same job, and a heartbeat or a result carrying a
 stale lease token changes nothing. A job's record (and a webhook delivery's) is a hash with one JSON
-value per dataclass field, written and read generically, so fields added to Job travel without changes
-here.
+value per dataclass field (`job_record`), so fields added to Job travel without changes here.
 
 Waiting for a job to end does not poll: the script that ends a job publishes its id, and one pub/sub
 connection per store wakes the threads waiting on it.
@@ -13,23 +12,30 @@ connection per store wakes the threads waiting on it.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from fluxserve.contract import JobState
-from fluxserve.jobs import Delivery, DeliveryState, IdempotencyConflict, IdempotencyKey, Job, Lease
+from fluxserve.redisconn import connect
+from fluxserve.jobs import (
+    IdempotencyConflict,
+    IdempotencyKey,
+    Job,
+    JobResult,
+    Lease,
+    job_from_record,
+    job_record,
+)
 from fluxserve.jobs import redis_scripts as scripts
+from fluxserve.jobs.outbox import Delivery, DeliveryLease, DeliveryState
+from fluxserve.jobs.policy import LeasePolicy, idempotency_scope
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +46,10 @@ _PURGE_BATCH = 500
 
 
 class RedisJobStore:
-    def __init__(
-        self,
-        client: redis.Redis,
-        *,
-        prefix: str = "fluxserve",
-        lease_seconds: float = 30.0,
-        max_attempts: int = 3,
-        retention_seconds: float = 3600.0,
-    ) -> None:
+    def __init__(self, client: redis.Redis, *, prefix: str = "fluxserve", policy: LeasePolicy | None = None) -> None:
         self.client = client
         self.prefix = prefix
-        self.lease_seconds = lease_seconds
-        self.max_attempts = max_attempts
-        self.retention_seconds = retention_seconds
+        self.policy = policy or LeasePolicy()
         self._scripts = {
             name: client.register_script(scripts.PRELUDE + getattr(scripts, name))
             for name in ("SUBMIT", "GET", "POSITION", "CLAIM", "HEARTBEAT", "FINISH", "PURGE_EXPIRED",
@@ -69,63 +65,64 @@ class RedisJobStore:
     def _run(self, name: str, *args: Any) -> Any:
         return self._scripts[name](args=[self.prefix, *args])
 
+    def outbox(self) -> RedisOutbox:
+        return RedisOutbox(self)
+
     # -- the protocol --------------------------------------------------------------------------
 
     def submit(
         self, job: Job, *, deliveries: Sequence[Delivery] = (), idempotency: IdempotencyKey | None = None
     ) -> Job:
         job.state = JobState.QUEUED
-        # One key namespace per owner: two accounts may use the same key without seeing each other's jobs.
-        scope = json.dumps([idempotency.owner, idempotency.key]) if idempotency else ""
-        outbox = [[d.id, _flat(dataclasses.replace(d, job_id=job.id))] for d in deliveries]
+        scope = idempotency_scope(idempotency) if idempotency else ""
+        outbox = [[d.id, _flat(_delivery_record(dataclasses.replace(d, job_id=job.id)))] for d in deliveries]
         answer, value = self._run(
             "SUBMIT", job.id, job.slug, repr(job.created_at) if job.created_at else "", scope,
-            idempotency.fingerprint if idempotency else "", json.dumps(outbox), *_flat(job),
+            idempotency.fingerprint if idempotency else "", json.dumps(outbox), *_flat(job_record(job)),
         )
         if answer == "conflict":
             raise IdempotencyConflict(value)
         if answer == "existing":
-            return _decode(value)
+            return _decode_job(value)
         job.created_at = float(value)
         return job
 
     def get(self, job_id: str) -> Job | None:
         record = self._run("GET", job_id)
-        return _decode(record) if record else None
+        return _decode_job(record) if record else None
 
     def queue_position(self, job_id: str) -> int | None:
         return self._run("POSITION", job_id)
 
     def claim(self, worker_id: str, slugs: list[str] | None = None) -> tuple[Job, Lease] | None:
-        token = f"{worker_id}:{uuid.uuid4().hex}"
-        exhausted = (f"The worker running this job stopped responding {self.max_attempts} time(s); "
-                     "giving up")
-        record = self._run("CLAIM", json.dumps(token), self.lease_seconds, self.max_attempts,
-                           self.retention_seconds, json.dumps(exhausted), *(slugs or []))
+        token = self.policy.new_token(worker_id)
+        policy = self.policy
+        record = self._run("CLAIM", json.dumps(token), policy.lease_seconds, policy.max_attempts,
+                           policy.retention_seconds, json.dumps(policy.exhausted_error), *(slugs or []))
         if not record:
             return None
-        job = _decode(record)
+        job = _decode_job(record)
         return job, Lease(job.id, token)
 
     def heartbeat(self, lease: Lease) -> bool:
-        return self._run("HEARTBEAT", lease.job_id, json.dumps(lease.token), self.lease_seconds) == 1
+        return self._run("HEARTBEAT", lease.job_id, json.dumps(lease.token), self.policy.lease_seconds) == 1
 
-    def complete(self, lease: Lease, result: dict[str, Any]) -> bool:
-        return self._finish(lease, JobState.COMPLETED, result=result, error=None)
+    def complete(self, lease: Lease, result: JobResult) -> bool:
+        return self._finish(lease, JobState.COMPLETED, result=dataclasses.asdict(result), error=None)
 
     def fail(self, lease: Lease, error: str) -> bool:
-        return self._finish(lease, JobState.FAILED, result={}, error=error)
+        return self._finish(lease, JobState.FAILED, result=None, error=error)
 
-    def _finish(self, lease: Lease, state: JobState, *, result: dict[str, Any], error: str | None) -> bool:
+    def _finish(self, lease: Lease, state: JobState, *, result: dict[str, Any] | None, error: str | None) -> bool:
         return self._run("FINISH", lease.job_id, json.dumps(lease.token), state.value, json.dumps(result),
-                         json.dumps(error), self.retention_seconds) == 1
+                         json.dumps(error), self.policy.retention_seconds) == 1
 
     def report_progress(self, lease: Lease, progress: dict[str, Any]) -> bool:
         return self._run("REPORT_PROGRESS", lease.job_id, json.dumps(lease.token), json.dumps(progress)) == 1
 
     def cancel(self, job_id: str, error: str) -> Job | None:
-        record = self._run("CANCEL", job_id, json.dumps(error), self.retention_seconds)
-        return _decode(record) if record else None
+        record = self._run("CANCEL", job_id, json.dumps(error), self.policy.retention_seconds)
+        return _decode_job(record) if record else None
 
     def wait_terminal(self, job_id: str, timeout: float) -> Job | None:
         deadline = time.monotonic() + timeout
@@ -142,30 +139,9 @@ class RedisJobStore:
         purged: list[Job] = []
         while True:
             batch = self._run("PURGE_EXPIRED", _PURGE_BATCH)
-            purged += [_decode(record) for record in batch]
+            purged += [_decode_job(record) for record in batch]
             if len(batch) < _PURGE_BATCH:
                 return purged
-
-    # -- the webhook outbox ------------------------------------------------------------------------
-
-    def claim_delivery(self, worker_id: str) -> tuple[Delivery, Lease] | None:
-        token = f"{worker_id}:{uuid.uuid4().hex}"
-        record = self._run("CLAIM_DELIVERY", json.dumps(token), self.lease_seconds)
-        if not record:
-            return None
-        delivery = _decode(record, Delivery)
-        return delivery, Lease(delivery.id, token)
-
-    def record_attempt(
-        self, lease: Lease, attempt: dict[str, Any], state: DeliveryState, next_attempt_at: float = 0.0
-    ) -> bool:
-        # The caller's clock says when to retry; the server's clock keeps time, so it travels as a delay.
-        delay = repr(next_attempt_at - time.time()) if next_attempt_at else ""
-        return self._run("RECORD_ATTEMPT", lease.job_id, json.dumps(lease.token), json.dumps(attempt),
-                         json.dumps(state), delay) == 1
-
-    def deliveries(self, job_id: str) -> list[Delivery]:
-        return [_decode(record, Delivery) for record in self._run("DELIVERIES", job_id)]
 
     def count_by_state(self) -> dict[str, int]:
         flat = self._run("COUNT_BY_STATE")
@@ -182,41 +158,54 @@ class RedisJobStore:
         self.client.close()
 
 
-def connect(url: str, **options: Any) -> redis.Redis:
-    """A client that rides out a Redis restart: broken connections are retried for a few seconds."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        **options,
-    )
+class RedisOutbox:
+    """The webhook outbox beside the jobs (its records are written by `RedisJobStore.submit`)."""
+
+    def __init__(self, jobs: RedisJobStore) -> None:
+        self.jobs = jobs
+
+    def _run(self, name: str, *args: Any) -> Any:
+        return self.jobs._run(name, *args)
+
+    def claim_delivery(self, sender_id: str) -> tuple[Delivery, DeliveryLease] | None:
+        token = self.jobs.policy.new_token(sender_id)
+        record = self._run("CLAIM_DELIVERY", json.dumps(token), self.jobs.policy.lease_seconds)
+        if not record:
+            return None
+        delivery = Delivery(**_fields(record))
+        return delivery, DeliveryLease(delivery.id, token)
+
+    def record_attempt(
+        self, lease: DeliveryLease, attempt: dict[str, Any], state: DeliveryState, next_attempt_at: float = 0.0
+    ) -> bool:
+        # The caller's clock says when to retry; the server's clock keeps time, so it travels as a delay.
+        delay = repr(next_attempt_at - time.time()) if next_attempt_at else ""
+        return self._run("RECORD_ATTEMPT", lease.delivery_id, json.dumps(lease.token), json.dumps(attempt),
+                         json.dumps(state), delay) == 1
+
+    def deliveries(self, job_id: str) -> list[Delivery]:
+        return [Delivery(**_fields(record)) for record in self._run("DELIVERIES", job_id)]
 
 
 # -- the record: one hash field per dataclass field (Job, Delivery), each value JSON ------------------
 
 
-def _flat(record: Job | Delivery) -> list[str]:
+def _flat(record: dict[str, Any]) -> list[str]:
     """field, value, field, value, ...: the record as HSET takes it."""
-    fields = dataclasses.fields(record)
-    return [item for f in fields for item in (f.name, json.dumps(_plain(getattr(record, f.name))))]
+    return [item for name, value in record.items() for item in (name, json.dumps(value))]
 
 
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, enum.Enum) else value
+def _delivery_record(delivery: Delivery) -> dict[str, Any]:
+    return dataclasses.asdict(delivery)
 
 
-def _decode(flat: list[str], cls: type = Job) -> Any:
-    raw = dict(zip(flat[::2], flat[1::2]))
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in raw:
-            value = json.loads(raw[f.name])
-            # Enum fields (the state) come back as their value; rebuild them from the default's type.
-            values[f.name] = type(f.default)(value) if isinstance(f.default, enum.Enum) else value
-    return cls(**values)
+def _fields(flat: list[str]) -> dict[str, Any]:
+    """The dataclass fields of a flat HGETALL answer, decoded (`_`-fields are the store's own)."""
+    return {name: json.loads(value) for name, value in zip(flat[::2], flat[1::2]) if not name.startswith("_")}
+
+
+def _decode_job(flat: list[str]) -> Job:
+    return job_from_record(_fields(flat))
 
 
 # -- waking waiters ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The embedded JobStore: one SQLite file in WAL mode.
+"""The embedded JobStore and Outbox: one SQLite file in WAL mode.
 
 Every transition is one short transaction. A claim runs under `BEGIN IMMEDIATE`, which takes the
 database's write lock up front, so two claimers (threads or processes on the same file) never lease
@@ -7,11 +7,11 @@ the same job. Lease tokens make transitions from a worker whose lease lapsed har
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -19,7 +19,16 @@ from typing import Any
 
 from fluxserve.contract import JobState
 from fluxserve.dbfile import SqliteFile
-from fluxserve.jobs import Delivery, DeliveryState, IdempotencyConflict, IdempotencyKey, Job, Lease
+from fluxserve.jobs import (
+    IdempotencyConflict,
+    IdempotencyKey,
+    Job,
+    JobResult,
+    Lease,
+    job_from_record,
+)
+from fluxserve.jobs.outbox import Delivery, DeliveryLease, DeliveryState
+from fluxserve.jobs.policy import LeasePolicy, idempotency_scope
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -71,19 +80,10 @@ _CROSS_PROCESS_POLL_S = 0.25
 
 
 class SqliteJobStore:
-    def __init__(
-        self,
-        path: Path | str,
-        *,
-        lease_seconds: float = 30.0,
-        max_attempts: int = 3,
-        retention_seconds: float = 3600.0,
-    ) -> None:
+    def __init__(self, path: Path | str, policy: LeasePolicy | None = None) -> None:
         self.file = SqliteFile(path)
         self.path = self.file.path
-        self.lease_seconds = lease_seconds
-        self.max_attempts = max_attempts
-        self.retention_seconds = retention_seconds
+        self.policy = policy or LeasePolicy()
         self._changed = threading.Condition()
         self._db().executescript(_SCHEMA)
         self._add_missing_columns()
@@ -95,6 +95,9 @@ class SqliteJobStore:
             for name, kind in _JOB_COLUMNS.items():
                 if name not in present:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+
+    def outbox(self) -> SqliteOutbox:
+        return SqliteOutbox(self)
 
     # -- connections -------------------------------------------------------------------------
 
@@ -115,7 +118,7 @@ class SqliteJobStore:
     ) -> Job:
         job.state = JobState.QUEUED
         job.created_at = job.created_at or time.time()
-        idem_key = _scoped_key(idempotency) if idempotency else None
+        idem_key = idempotency_scope(idempotency) if idempotency else None
         with self._transaction() as db:
             if idem_key is not None:
                 holder = self._idempotency_holder(db, idem_key, idempotency.fingerprint)
@@ -125,8 +128,9 @@ class SqliteJobStore:
                 """INSERT INTO jobs (id, slug, params, state, created_at, owner, meta,
                                      idem_key, idem_fingerprint)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (job.id, job.slug, json.dumps(job.params), job.state.value, job.created_at, job.owner,
-                 json.dumps(job.meta), idem_key, idempotency.fingerprint if idempotency else None),
+                (job.id, job.slug, json.dumps(job.params.model_dump()), job.state.value, job.created_at,
+                 job.owner, json.dumps(job.meta.to_record()), idem_key,
+                 idempotency.fingerprint if idempotency else None),
             )
             db.executemany(
                 """INSERT INTO deliveries (id, job_id, url, trigger, state, attempts, next_attempt_at)
@@ -145,7 +149,7 @@ class SqliteJobStore:
         if row["expires_at"] is not None and row["expires_at"] <= time.time():
             db.execute("UPDATE jobs SET idem_key = NULL WHERE seq = ?", (row["seq"],))
             return None
-        if row["idem_fingerprint"] != fingerprint:
+        if row["idem_fingerprint"] != fingerprint:  # checked under the write lock: one winner
             raise IdempotencyConflict(row["id"])
         return _job_from_row(row)
 
@@ -181,11 +185,11 @@ class SqliteJobStore:
             ).fetchone()
             if row is None:
                 return None
-            token = f"{worker_id}:{uuid.uuid4().hex}"
+            token = self.policy.new_token(worker_id)
             db.execute(
                 """UPDATE jobs SET state = 'PROCESSING', attempts = attempts + 1, lease_token = ?,
                        lease_expires_at = ?, started_at = ?, progress = NULL WHERE seq = ?""",
-                (token, now + self.lease_seconds, now, row["seq"]),
+                (token, now + self.policy.lease_seconds, now, row["seq"]),
             )
             claimed = db.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
         self._notify()
@@ -198,11 +202,11 @@ class SqliteJobStore:
                    lease_token = NULL, lease_expires_at = NULL
                WHERE state = 'PROCESSING' AND lease_expires_at <= ? AND attempts >= ?""",
             (
-                f"The worker running this job stopped responding {self.max_attempts} time(s); giving up",
+                self.policy.exhausted_error,
                 now,
-                now + self.retention_seconds,
+                now + self.policy.retention_seconds,
                 now,
-                self.max_attempts,
+                self.policy.max_attempts,
             ),
         )
 
@@ -212,25 +216,25 @@ class SqliteJobStore:
             cur = db.execute(
                 """UPDATE jobs SET lease_expires_at = ?
                    WHERE id = ? AND lease_token = ? AND state = 'PROCESSING'""",
-                (now + self.lease_seconds, lease.job_id, lease.token),
+                (now + self.policy.lease_seconds, lease.job_id, lease.token),
             )
         return cur.rowcount == 1
 
-    def complete(self, lease: Lease, result: dict[str, Any]) -> bool:
+    def complete(self, lease: Lease, result: JobResult) -> bool:
         return self._finish(lease, JobState.COMPLETED, result=result, error=None)
 
     def fail(self, lease: Lease, error: str) -> bool:
-        return self._finish(lease, JobState.FAILED, result={}, error=error)
+        return self._finish(lease, JobState.FAILED, result=None, error=error)
 
-    def _finish(self, lease: Lease, state: JobState, *, result: dict[str, Any], error: str | None) -> bool:
+    def _finish(self, lease: Lease, state: JobState, *, result: JobResult | None, error: str | None) -> bool:
         now = time.time()
         with self._transaction() as db:
             cur = db.execute(
                 """UPDATE jobs SET state = ?, result = ?, error = ?, finished_at = ?, expires_at = ?,
                        lease_token = NULL, lease_expires_at = NULL
                    WHERE id = ? AND lease_token = ? AND state = 'PROCESSING'""",
-                (state.value, json.dumps(result), error, now, now + self.retention_seconds,
-                 lease.job_id, lease.token),
+                (state.value, json.dumps(dataclasses.asdict(result) if result else None), error, now,
+                 now + self.policy.retention_seconds, lease.job_id, lease.token),
             )
         self._notify()
         return cur.rowcount == 1
@@ -250,7 +254,7 @@ class SqliteJobStore:
                 """UPDATE jobs SET state = 'FAILED', error = ?, finished_at = ?, expires_at = ?,
                        lease_token = NULL, lease_expires_at = NULL
                    WHERE id = ? AND state IN ('QUEUED', 'PROCESSING')""",
-                (error, now, now + self.retention_seconds, job_id),
+                (error, now, now + self.policy.retention_seconds, job_id),
             )
         if cur.rowcount:
             self._notify()
@@ -276,52 +280,6 @@ class SqliteJobStore:
             db.execute("DELETE FROM jobs WHERE expires_at <= ?", (now,))
         return [_job_from_row(row) for row in rows]
 
-    # -- the webhook outbox ------------------------------------------------------------------------
-
-    def claim_delivery(self, worker_id: str) -> tuple[Delivery, Lease] | None:
-        now = time.time()
-        with self._transaction() as db:
-            row = db.execute(
-                """SELECT d.* FROM deliveries d JOIN jobs j ON j.id = d.job_id
-                   WHERE d.state = 'pending' AND d.next_attempt_at <= ?
-                     AND (d.lease_expires_at IS NULL OR d.lease_expires_at <= ?)
-                     AND ((d.trigger = 'finished' AND j.state IN ('COMPLETED', 'FAILED'))
-                          OR (d.trigger = 'started' AND j.started_at IS NOT NULL))
-                   ORDER BY d.next_attempt_at, d.seq LIMIT 1""",
-                (now, now),
-            ).fetchone()
-            if row is None:
-                return None
-            token = f"{worker_id}:{uuid.uuid4().hex}"
-            db.execute(
-                "UPDATE deliveries SET lease_token = ?, lease_expires_at = ? WHERE seq = ?",
-                (token, now + self.lease_seconds, row["seq"]),
-            )
-        return _delivery_from_row(row), Lease(row["id"], token)
-
-    def record_attempt(
-        self, lease: Lease, attempt: dict[str, Any], state: DeliveryState, next_attempt_at: float = 0.0
-    ) -> bool:
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT attempts FROM deliveries WHERE id = ? AND lease_token = ? AND state = 'pending'",
-                (lease.job_id, lease.token),
-            ).fetchone()
-            if row is None:
-                return False
-            db.execute(
-                """UPDATE deliveries SET attempts = ?, state = ?, next_attempt_at = ?,
-                       lease_token = NULL, lease_expires_at = NULL WHERE id = ?""",
-                (json.dumps([*json.loads(row["attempts"]), attempt]), state, next_attempt_at, lease.job_id),
-            )
-        return True
-
-    def deliveries(self, job_id: str) -> list[Delivery]:
-        rows = self._db().execute(
-            "SELECT * FROM deliveries WHERE job_id = ? ORDER BY seq", (job_id,)
-        ).fetchall()
-        return [_delivery_from_row(row) for row in rows]
-
     def count_by_state(self) -> dict[str, int]:
         rows = self._db().execute(
             "SELECT state, COUNT(*) FROM jobs WHERE expires_at IS NULL OR expires_at > ? GROUP BY state",
@@ -340,15 +298,62 @@ class SqliteJobStore:
         self.file.close()
 
 
+class SqliteOutbox:
+    """The webhook outbox in the jobs' file (its rows are written by `SqliteJobStore.submit`)."""
+
+    def __init__(self, jobs: SqliteJobStore) -> None:
+        self.file = jobs.file
+        self.policy = jobs.policy
+
+    def claim_delivery(self, sender_id: str) -> tuple[Delivery, DeliveryLease] | None:
+        now = time.time()
+        with self.file.transaction() as db:
+            row = db.execute(
+                """SELECT d.* FROM deliveries d JOIN jobs j ON j.id = d.job_id
+                   WHERE d.state = 'pending' AND d.next_attempt_at <= ?
+                     AND (d.lease_expires_at IS NULL OR d.lease_expires_at <= ?)
+                     AND ((d.trigger = 'finished' AND j.state IN ('COMPLETED', 'FAILED'))
+                          OR (d.trigger = 'started' AND j.started_at IS NOT NULL))
+                   ORDER BY d.next_attempt_at, d.seq LIMIT 1""",
+                (now, now),
+            ).fetchone()
+            if row is None:
+                return None
+            token = self.policy.new_token(sender_id)
+            db.execute(
+                "UPDATE deliveries SET lease_token = ?, lease_expires_at = ? WHERE seq = ?",
+                (token, now + self.policy.lease_seconds, row["seq"]),
+            )
+        return _delivery_from_row(row), DeliveryLease(row["id"], token)
+
+    def record_attempt(
+        self, lease: DeliveryLease, attempt: dict[str, Any], state: DeliveryState, next_attempt_at: float = 0.0
+    ) -> bool:
+        with self.file.transaction() as db:
+            row = db.execute(
+                "SELECT attempts FROM deliveries WHERE id = ? AND lease_token = ? AND state = 'pending'",
+                (lease.delivery_id, lease.token),
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute(
+                """UPDATE deliveries SET attempts = ?, state = ?, next_attempt_at = ?,
+                       lease_token = NULL, lease_expires_at = NULL WHERE id = ?""",
+                (json.dumps([*json.loads(row["attempts"]), attempt]), state, next_attempt_at, lease.delivery_id),
+            )
+        return True
+
+    def deliveries(self, job_id: str) -> list[Delivery]:
+        rows = self.file.db().execute(
+            "SELECT * FROM deliveries WHERE job_id = ? ORDER BY seq", (job_id,)
+        ).fetchall()
+        return [_delivery_from_row(row) for row in rows]
+
+
 def _slug_clause(slugs: list[str] | None) -> tuple[str, list[str]]:
     if not slugs:
         return "", []
     return f"AND slug IN ({', '.join('?' for _ in slugs)})", list(slugs)
-
-
-def _scoped_key(idempotency: IdempotencyKey) -> str:
-    # One key namespace per owner: two accounts may use the same key without seeing each other's jobs.
-    return f"{idempotency.owner or ''}\n{idempotency.key}"
 
 
 def _delivery_from_row(row: sqlite3.Row) -> Delivery:
@@ -364,21 +369,7 @@ def _delivery_from_row(row: sqlite3.Row) -> Delivery:
 
 
 def _job_from_row(row: sqlite3.Row) -> Job:
-    return Job(
-        id=row["id"],
-        slug=row["slug"],
-        params=json.loads(row["params"]),
-        state=JobState(row["state"]),
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        expires_at=row["expires_at"],
-        attempts=row["attempts"],
-        lease_token=row["lease_token"],
-        lease_expires_at=row["lease_expires_at"],
-        result=json.loads(row["result"]),
-        error=row["error"],
-        owner=row["owner"],
-        meta=json.loads(row["meta"]),
-        progress=json.loads(row["progress"]) if row["progress"] else None,
-    )
+    record: dict[str, Any] = dict(row)
+    for name in ("params", "result", "meta", "progress"):
+        record[name] = json.loads(record[name]) if record[name] else None
+    return job_from_record(record)

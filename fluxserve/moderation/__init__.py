@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from fluxserve.config import ModerationSettings
 from fluxserve.failures import JobFailure
 from fluxserve.moderation.policy import BUILTIN_BLOCKLIST, BlocklistError, PromptPolicy
 
@@ -40,21 +41,21 @@ class Moderation:
             raise ContentBlocked("The generated image", label)
 
 
-def load_moderation(settings) -> Moderation:
+def load_moderation(config: ModerationSettings) -> Moderation:
     """The configured checks (loading an image classifier takes a while: call it at start-up)."""
-    if not settings.moderation:
+    if not config.enabled:
         log.warning("content moderation is off (FLUXSERVE_MODERATION=false)")
         return Moderation()
-    categories = [name.strip() for name in settings.moderation_categories.split(",") if name.strip()]
-    policy = PromptPolicy.from_file(settings.moderation_blocklist or BUILTIN_BLOCKLIST, categories)
+    categories = [name.strip() for name in config.categories.split(",") if name.strip()]
+    policy = PromptPolicy.from_file(config.blocklist or BUILTIN_BLOCKLIST, categories)
     log.info("prompt policy: %d rules in %s", len(policy.rules), ", ".join(policy.categories))
     classifier = None
-    if settings.moderation_image_classifier:
+    if config.image_classifier:
         from fluxserve.moderation.image import ImageClassifier
 
         classifier = ImageClassifier(
-            settings.moderation_image_classifier,
-            settings.moderation_image_labels.split(","),
-            settings.moderation_image_threshold,
+            config.image_classifier,
+            config.image_labels.split(","),
+            config.image_threshold,
         )
     return Moderation(policy, classifier)

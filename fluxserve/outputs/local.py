@@ -38,3 +38,6 @@ class LocalOutputStore:
             self._path(key).unlink(missing_ok=True)
         except KeyError:
             pass
+
+    def link(self, key: str) -> str | None:
+        return None  # served through the API

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import redis
 
+from fluxserve.redisconn import connect
+
 
 class RedisOutputStore:
     def __init__(self, client: redis.Redis, *, prefix: str = "fluxserve", ttl_seconds: float | None = None) -> None:
@@ -17,8 +19,6 @@ class RedisOutputStore:
 
     @classmethod
     def from_url(cls, url: str, **options) -> RedisOutputStore:
-        from fluxserve.jobs.redis import connect
-
         return cls(connect(url), **options)
 
     def _key(self, key: str) -> str:
@@ -33,3 +33,6 @@ class RedisOutputStore:
 
     def delete(self, key: str) -> None:
         self.client.delete(self._key(key))
+
+    def link(self, key: str) -> str | None:
+        return None  # served through the API

@@ -16,16 +16,17 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
 
-from fluxserve.config import Settings
+from fluxserve.config import WebhookSettings
 from fluxserve.contract import JobState
-from fluxserve.jobs import Delivery, Job, JobStore, Lease
-from fluxserve.results import job_body, result_body_at
-from fluxserve.webhooks.owners import OwnerWebhooks
+from fluxserve.jobs import Job, JobStore
+from fluxserve.jobs.outbox import Delivery, DeliveryLease, Outbox
+from fluxserve.views import job_body, result_body_at
 from fluxserve.webhooks.signing import signed_headers
 from fluxserve.webhooks.targets import webhook_client
 
@@ -47,7 +48,7 @@ class RetryPolicy:
 
 def webhook_payload(delivery: Delivery, job: Job, base_url: str) -> dict[str, Any]:
     """The result endpoint's body, as it was when the event happened."""
-    media_query = job.meta.get("webhook", {}).get("media_query", "")
+    media_query = job.meta.webhook.media_query if job.meta.webhook else ""
     if delivery.trigger == "started":
         return result_body_at(base_url, replace(job, state=JobState.PROCESSING), media_query)
     return job_body(base_url, job, media_query)
@@ -56,43 +57,25 @@ def webhook_payload(delivery: Delivery, job: Job, base_url: str) -> dict[str, An
 class WebhookSender:
     def __init__(
         self,
-        store: JobStore,
-        owners: OwnerWebhooks,
+        jobs: JobStore,
+        outbox: Outbox,
+        secret_for: Callable[[str | None], str],
+        config: WebhookSettings,
         *,
-        policy: RetryPolicy,
-        allow_private: bool,
-        timeout: float,
-        senders: int = 4,
-        poll_seconds: float = 0.5,
         default_base_url: str = "",
     ) -> None:
-        self.store = store
-        self.owners = owners
-        self.policy = policy
-        self.senders = senders
-        self.poll_seconds = poll_seconds
+        self.jobs = jobs
+        self.outbox = outbox
+        # The `whsec_` secret that signs the webhooks of a job's owner (None: keys are off).
+        self.secret_for = secret_for
+        self.policy = RetryPolicy(config.backoff_seconds, config.max_backoff_seconds, config.max_age_seconds)
+        self.senders = config.senders
+        self.poll_seconds = config.poll_seconds
         self.default_base_url = default_base_url
         self.sender_id = f"webhooks-{uuid.uuid4().hex[:8]}"
-        self._client = webhook_client(allow_private=allow_private, timeout=timeout)
+        self._client = webhook_client(allow_private=config.allow_private, timeout=config.timeout_seconds)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-
-    @classmethod
-    def from_settings(cls, store: JobStore, owners: OwnerWebhooks, settings: Settings) -> WebhookSender:
-        return cls(
-            store,
-            owners,
-            policy=RetryPolicy(
-                settings.webhook_backoff_seconds,
-                settings.webhook_max_backoff_seconds,
-                settings.webhook_max_age_seconds,
-            ),
-            allow_private=settings.webhook_allow_private,
-            timeout=settings.webhook_timeout_seconds,
-            senders=settings.webhook_senders,
-            poll_seconds=settings.webhook_poll_seconds,
-            default_base_url=(settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/"),
-        )
 
     def start(self) -> None:
         for index in range(self.senders):
@@ -109,7 +92,7 @@ class WebhookSender:
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                claimed = self.store.claim_delivery(self.sender_id)
+                claimed = self.outbox.claim_delivery(self.sender_id)
                 if claimed is None:
                     self._stopping.wait(self.poll_seconds)
                     continue
@@ -118,32 +101,32 @@ class WebhookSender:
                 log.exception("webhook sender error; continuing")
                 self._stopping.wait(1.0)
 
-    def deliver(self, delivery: Delivery, lease: Lease) -> None:
-        job = self.store.get(delivery.job_id)
+    def deliver(self, delivery: Delivery, lease: DeliveryLease) -> None:
+        job = self.jobs.get(delivery.job_id)
         now = time.time()
         if job is None:
-            self.store.record_attempt(
+            self.outbox.record_attempt(
                 lease, {"at": now, "error": "the request expired before delivery"}, "failed"
             )
             return
-        base_url = job.meta.get("webhook", {}).get("base_url") or self.default_base_url
+        base_url = job.meta.webhook.base_url if job.meta.webhook else self.default_base_url
         body = json.dumps(webhook_payload(delivery, job, base_url)).encode()
         headers = {
             "Content-Type": "application/json",
-            **signed_headers(self.owners.secret(job.owner), delivery.id, body),
+            **signed_headers(self.secret_for(job.owner), delivery.id, body),
         }
         attempt = self._post(delivery.url, body, headers)
         attempts = [*delivery.attempts, attempt]
         if attempt.get("status_code") is not None and 200 <= attempt["status_code"] < 300:
-            self.store.record_attempt(lease, attempt, "delivered")
+            self.outbox.record_attempt(lease, attempt, "delivered")
             log.info("webhook %s for job %s delivered (attempt %d)", delivery.id, job.id, len(attempts))
             return
         retry_at = self.policy.next_attempt_at(attempts, time.time())
         if retry_at is None:
-            self.store.record_attempt(lease, attempt, "failed")
+            self.outbox.record_attempt(lease, attempt, "failed")
             log.warning("webhook %s for job %s gave up after %d attempts", delivery.id, job.id, len(attempts))
         else:
-            self.store.record_attempt(lease, attempt, "pending", retry_at)
+            self.outbox.record_attempt(lease, attempt, "pending", retry_at)
 
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
         started = time.time()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,10 +14,11 @@ from typing import Annotated, Optional
 import typer
 
 from fluxserve.accounts import Account
-from fluxserve.accounts.access import Access
 from fluxserve.accounts.keys import key_id_of
 from fluxserve.accounts.money import to_credits, to_micros
+from fluxserve.app.access import Access
 from fluxserve.config import Settings
+from fluxserve.stores import open_accounts
 from fluxserve.webhooks.targets import WebhookTargetError, check_url
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys, accounts and credits.")
@@ -32,8 +35,15 @@ def parse_rate(text: str) -> float:
     return float(match.group(1)) * _PER[match.group(2) or "min"]
 
 
-def open_access(data_dir: Path | None) -> Access:
-    return Access.open(Settings(**({"data_dir": data_dir} if data_dir else {})))
+@contextmanager
+def open_access(data_dir: Path | None) -> Iterator[Access]:
+    """The server's accounts, as `serve` opens them (same settings, same store)."""
+    settings = Settings().with_overrides(data_dir=data_dir)
+    store = open_accounts(settings.accounts, settings.store, settings.sqlite_path)
+    try:
+        yield Access(settings.accounts, store, host=settings.host, data_dir=settings.data_dir)
+    finally:
+        store.close()
 
 
 @keys_app.command("create")
@@ -46,8 +56,7 @@ def create(
     data_dir: DataDir = None,
 ) -> None:
     """Create an account and an API key (shown once), or another key for an existing account."""
-    access = open_access(data_dir)
-    try:
+    with open_access(data_dir) as access:
         account = access.store.find_account(name)
         if account is None:
             try:
@@ -70,8 +79,6 @@ def create(
         record, key = access.keyring.issue(account.id)
         typer.echo(f"New API key {record.id} for {name}. It is shown only now; keep it secret:")
         typer.echo(key)
-    finally:
-        access.close()
 
 
 @keys_app.command("list")
@@ -80,12 +87,9 @@ def list_keys(
     data_dir: DataDir = None,
 ) -> None:
     """Accounts with their balances and limits, and their keys (ids only)."""
-    access = open_access(data_dir)
-    try:
+    with open_access(data_dir) as access:
         accounts = access.store.list_accounts()
         keys = access.store.list_keys()
-    finally:
-        access.close()
     rows = [
         {
             "name": account.name,
@@ -121,16 +125,13 @@ def revoke(
 ) -> None:
     """Revoke a key: it answers 401 from now on."""
     key_id = key_id_of(key) or key
-    access = open_access(data_dir)
-    try:
+    with open_access(data_dir) as access:
         if access.store.get_key(key_id) is None:
             raise typer.BadParameter(f"no key {key_id!r}")
         if access.store.revoke_key(key_id):
             typer.echo(f"Revoked key {key_id}")
         else:
             typer.echo(f"Key {key_id} was already revoked")
-    finally:
-        access.close()
 
 
 @keys_app.command("top-up")
@@ -143,13 +144,10 @@ def top_up(
     """Add credits to an account."""
     if credits <= 0:
         raise typer.BadParameter("--credits must be positive")
-    access = open_access(data_dir)
-    try:
+    with open_access(data_dir) as access:
         account = _account_named(access, name)
         account = access.store.top_up(account.id, to_micros(credits), note)
         typer.echo(f"{name}: {_describe(account)}")
-    finally:
-        access.close()
 
 
 @keys_app.command("webhook")
@@ -163,12 +161,11 @@ def webhook(
     """Show or change an account's webhook settings: its default URL and its signing secret."""
     if url is not None and clear_url:
         raise typer.BadParameter("give --url or --clear-url, not both")
-    access = open_access(data_dir)
-    try:
+    with open_access(data_dir) as access:
         account = _account_named(access, name)
         if url is not None:
             try:
-                check_url(url, allow_private=access.settings.webhook_allow_private)
+                check_url(url, allow_private=Settings().webhooks.allow_private)
             except WebhookTargetError as exc:
                 raise typer.BadParameter(str(exc)) from None
         if url is not None or clear_url:
@@ -176,8 +173,6 @@ def webhook(
         if rotate_secret:
             account = access.store.rotate_webhook_secret(account.id)
             typer.echo("New signing secret; webhooks are signed with it from now on.")
-    finally:
-        access.close()
     typer.echo(f"{name}: default webhook {account.webhook_url or 'none (only where a request names one)'}")
     typer.echo(f"signing secret: {account.webhook_secret}")
 

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from fluxserve.accounts import AccountStore
-from fluxserve.config import Settings
+from fluxserve.config import WebhookSettings
 from fluxserve.webhooks.signing import new_secret, secret_bytes
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,11 @@ SECRET_FILE = "webhook-secret"
 
 
 class OwnerWebhooks:
-    def __init__(self, settings: Settings, accounts: AccountStore) -> None:
-        self.settings = settings
+    def __init__(self, config: WebhookSettings, accounts: AccountStore, data_dir: Path) -> None:
+        self.config = config
         self.accounts = accounts
-        self._secret: str | None = settings.webhook_secret
+        self.data_dir = data_dir
+        self._secret: str | None = config.secret
         self._lock = threading.Lock()
         if self._secret is not None:
             secret_bytes(self._secret)  # fail at start-up, not at the first delivery
@@ -36,7 +37,7 @@ class OwnerWebhooks:
     def default_url(self, owner: str | None) -> str | None:
         """Where the owner's requests that name no webhook are reported (None: nowhere)."""
         if owner is None:
-            return self.settings.webhook_default_url
+            return self.config.default_url
         account = self.accounts.get_account(owner)
         return account.webhook_url if account else None
 
@@ -52,7 +53,7 @@ class OwnerWebhooks:
     def _operator_secret(self) -> str:
         with self._lock:
             if self._secret is None:
-                self._secret = _load_or_create_secret(self.settings.data_dir / SECRET_FILE)
+                self._secret = _load_or_create_secret(self.data_dir / SECRET_FILE)
             return self._secret
 
 

@@ -1,4 +1,4 @@
-"""The bodies that describe a finished (or running) job: the result endpoint's, and a webhook's.
+"""What a job looks like to clients: the result, status and webhook bodies.
 
 They take the public base URL explicitly, so code with no HTTP request at hand (webhook delivery)
 builds exactly the body the result endpoint serves.
@@ -12,9 +12,9 @@ from fluxserve.contract import JobState
 from fluxserve.jobs import Job
 
 
-def media_url_at(base: str, job: Job, media_query: str = "") -> str:
+def media_url_at(base: str, output_key: str, media_query: str = "") -> str:
     """`media_query` is the `?sig=...` that lets the link work without an API key (empty when auth is off)."""
-    return f"{base}/v2/media/{job.result['output_key']}{media_query}"
+    return f"{base}/v2/media/{output_key}{media_query}"
 
 
 def failed_body(job: Job) -> dict[str, Any]:
@@ -23,17 +23,17 @@ def failed_body(job: Job) -> dict[str, Any]:
 
 def result_body_at(base: str, job: Job, media_query: str = "") -> dict[str, Any]:
     body: dict[str, Any] = {"request_id": job.id, "status": job.state.value}
-    if job.state is not JobState.COMPLETED:
+    if job.state is not JobState.COMPLETED or job.result is None:
         return {**body, "output": None, "metrics": {}}
     return {
         **body,
-        "output": media_url_at(base, job, media_query),
-        "seed": job.params["seed"],
-        "outputFormat": job.params["outputFormat"],
+        "output": media_url_at(base, job.result.output_key, media_query),
+        "seed": job.params.seed,
+        "outputFormat": job.params.outputFormat,
         "metrics": {
-            **job.result["metrics"],
+            **job.result.metrics,
             "total_time": round((job.finished_at or job.created_at) - job.created_at, 4),
-            "cost": job.meta.get("cost", 0),
+            "cost": job.meta.cost or 0,
         },
         "created_at": job.created_at,
         "completed_at": job.finished_at,

@@ -1,4 +1,4 @@
-"""Cancelling jobs: by the client (`POST /v2/requests/{id}/cancel`) or by a per-request deadline.
+"""Control: cancelling jobs, by the client (`POST /v2/requests/{id}/cancel`) or by a per-request deadline.
 
 A cancelled job ends FAILED (the contract has no CANCELLED state) with an `error` that says so. The
 store does the transition (`JobStore.cancel`); a worker running the job notices at its next step, when
@@ -16,6 +16,10 @@ import re
 import threading
 import time
 
+from fluxserve.app.access import Access, Caller
+from fluxserve.app.billing import Billing
+from fluxserve.app.errors import Conflict, NotFound
+from fluxserve.contract import JobState
 from fluxserve.jobs import Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -54,22 +58,24 @@ def parse_cancel_after(value: object) -> float:
     return seconds
 
 
-def deadline_meta(created_at: float, cancel_after: float) -> dict[str, float]:
-    """What a job carries in `meta` for its deadline."""
-    return {"cancel_after": cancel_after, "deadline": created_at + cancel_after}
+class Control:
+    def __init__(self, jobs: JobStore, access: Access, billing: Billing) -> None:
+        self.jobs = jobs
+        self.access = access
+        self.billing = billing
 
-
-def deadline_of(job: Job) -> float | None:
-    return job.meta.get("deadline")
-
-
-def deadline_error(job: Job) -> str:
-    return f"Request cancelled: its deadline ({job.meta.get('cancel_after', 0):g}s after submission) passed"
-
-
-def past_deadline(job: Job, now: float | None = None) -> bool:
-    deadline = deadline_of(job)
-    return deadline is not None and (now or time.time()) >= deadline
+    def cancel(self, caller: Caller, job_id: str) -> Job:
+        """Cancel a QUEUED or PROCESSING job (it ends FAILED, its credits released); Conflict once ended."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            self.access.authorize_job(caller, job)
+            job = self.jobs.cancel(job_id, CANCELLED_BY_CLIENT)
+        if job is None:
+            raise NotFound(f"Request {job_id} not found (unknown or expired)")
+        if job.state is JobState.FAILED and job.error == CANCELLED_BY_CLIENT:
+            self.billing.settle(job)  # not charged: released now
+            return job
+        raise Conflict(f"Request {job_id} already ended ({job.state.value}); there is nothing to cancel")
 
 
 class DeadlineWatcher:
@@ -83,11 +89,11 @@ class DeadlineWatcher:
         self._thread: threading.Thread | None = None
 
     def watch(self, job: Job) -> None:
-        deadline = deadline_of(job)
+        deadline = job.meta.deadline
         if deadline is None:
             return
         with self._wake:
-            heapq.heappush(self._heap, (deadline, job.id, deadline_error(job)))
+            heapq.heappush(self._heap, (deadline.at, job.id, deadline.error))
             self._wake.notify()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)

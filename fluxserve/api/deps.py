@@ -1,0 +1,71 @@
+"""What routes are handed (FastAPI dependencies): the process's services and the caller, plus the
+HTTP details they share: public URLs, bounded body reading, the failed-job answer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+
+from fluxserve.app.access import Caller
+from fluxserve.app.errors import InvalidRequest
+from fluxserve.jobs import Job
+from fluxserve.services import Services
+from fluxserve.views import failed_body
+
+
+def services_of(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(services_of)]
+
+
+def presented_key(request: Request) -> str | None:
+    """The API key as the segmind SDK sends it (`x-api-key`) or as `Authorization: Bearer`."""
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+async def current_caller(request: Request, services: ServicesDep) -> Caller:
+    """The authenticated caller (401 when keys are enforced and none valid is presented)."""
+    return await anyio.to_thread.run_sync(services.access.authenticate, presented_key(request))
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+def base_url(request: Request, services: Services) -> str:
+    return (services.settings.public_url or str(request.base_url)).rstrip("/")
+
+
+def job_urls(base: str, job_id: str) -> dict[str, str]:
+    # Absolute: clients (the segmind SDK among them) GET these exactly as given.
+    status_url = f"{base}/v2/requests/{job_id}/status"
+    return {"status_url": status_url, "poll_url": status_url, "response_url": f"{base}/v2/requests/{job_id}"}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (400) beyond `limit` bytes without reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise InvalidRequest(f"Request body too large (limit {limit} bytes)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise InvalidRequest(f"Request body too large (limit {limit} bytes)")
+    return bytes(body)
+
+
+def failed_response(job: Job, **extra: Any) -> JSONResponse:
+    """A FAILED job's answer: 422 with its error, as the hosted API does."""
+    return JSONResponse({**failed_body(job), **extra}, status_code=422)

@@ -1,0 +1,127 @@
+"""Who is calling, and what they may see.
+
+A caller presents an API key (`x-api-key`, as the segmind SDK sends it, or `Authorization: Bearer`);
+it names an account. 401 for a missing, unknown or revoked key; 403 for a model the key may not use
+or a job another account made. Keys are never logged or echoed.
+
+`auth` (env FLUXSERVE_AUTH) is `required`, `off` or `auto` (the default). In `auto`, keys are
+required as soon as any key exists or the server binds a non-loopback address; a fresh loopback
+server with no keys stays open, so a first `make run` just works. A non-loopback bind that needs
+keys but has none refuses to start; `off` is the explicit override, and it is logged.
+
+Signed media links: the media URL in a result carries `?sig=` (an HMAC of the job id under the
+server secret) while keys are enforced, so its owner can hand the link on without the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxserve.accounts import Account, AccountStore, ApiKey
+from fluxserve.accounts.keys import Keyring, KeyRejected, server_secret
+from fluxserve.app.errors import Forbidden, Unauthenticated
+from fluxserve.config import AccountSettings
+from fluxserve.jobs import Job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated account and key; both None while auth is not enforced (anyone may call)."""
+
+    account: Account | None = None
+    key: ApiKey | None = None
+
+    @property
+    def account_id(self) -> str | None:
+        return self.account.id if self.account else None
+
+
+ANONYMOUS = Caller()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: treat it as reachable from outside
+        return False
+
+
+class Access:
+    def __init__(self, config: AccountSettings, store: AccountStore, *, host: str, data_dir: Path) -> None:
+        self.config = config
+        self.store = store
+        self.host = host
+        self.keyring = Keyring(store, server_secret(config.auth_secret, data_dir))
+        self._keys_exist = False
+
+    def enforced(self) -> bool:
+        """Whether callers must present a valid key now."""
+        mode = self.config.auth
+        if mode != "auto":
+            return mode == "required"
+        if not is_loopback(self.host):
+            return True
+        # Keys are never deleted (only revoked), so once seen this stays true without asking again.
+        self._keys_exist = self._keys_exist or self.store.has_keys()
+        return self._keys_exist
+
+    def refusal(self) -> str | None:
+        """Why this server must not start, or None."""
+        if self.config.auth == "off" or is_loopback(self.host) or self.store.has_keys():
+            return None
+        return (
+            f"Refusing to start: binding {self.host} makes this server reachable from the network, and no API "
+            "key exists, so nobody could call it. Create one first with `fluxserve keys create --name NAME "
+            "--credits N`, or bind 127.0.0.1, or pass `--auth off` (FLUXSERVE_AUTH=off) to serve without "
+            "keys on purpose."
+        )
+
+    def announce(self, port: int) -> None:
+        if self.config.auth == "off":
+            log.warning("AUTH IS OFF: anyone who can reach %s:%s can generate images (FLUXSERVE_AUTH=off)",
+                        self.host, port)
+        elif self.enforced():
+            log.info("auth: API keys required (x-api-key or Authorization: Bearer)")
+        else:
+            log.info("auth: open (loopback bind and no API key yet; `fluxserve keys create` turns keys on)")
+
+    def authenticate(self, presented_key: str | None) -> Caller:
+        if not self.enforced():
+            return ANONYMOUS
+        if presented_key is None:
+            raise Unauthenticated("Missing API key: send it in the x-api-key header or as Authorization: Bearer")
+        try:
+            account, record = self.keyring.authenticate(presented_key)
+        except KeyRejected as exc:
+            raise Unauthenticated(str(exc)) from None
+        return Caller(account, record)
+
+    @staticmethod
+    def authorize_model(caller: Caller, slug: str) -> None:
+        if caller.account is not None and not caller.account.allows(slug):
+            raise Forbidden(f"This API key is not allowed to use the model {slug}")
+
+    @staticmethod
+    def authorize_job(caller: Caller, job: Job) -> None:
+        if caller.account is not None and job.owner != caller.account.id:
+            raise Forbidden(f"Request {job.id} belongs to another account")
+
+    def media_query(self, caller: Caller, job_id: str) -> str:
+        """`?sig=...` for a media URL while the caller is an account (empty when auth is off)."""
+        if caller.account is None:
+            return ""
+        return f"?sig={self.keyring.sign(_media_message(job_id))}"
+
+    def has_media_signature(self, job_id: str, signature: str | None) -> bool:
+        return bool(signature) and self.keyring.verify(_media_message(job_id), signature or "")
+
+
+def _media_message(job_id: str) -> str:
+    return f"media:{job_id}"

@@ -1,0 +1,225 @@
+"""Submitting a generation: validate the request once, admit it, and queue it with what it carries.
+
+Besides the model's parameters a submit may carry:
+- `webhook` / `webhook_events_filter` (body): where and when to POST the result (see `fluxserve.webhooks`);
+- `cancel_after` (body) or `Cancel-After` (header): a deadline after which the job is cancelled;
+- `Idempotency-Key` (header): the same key and request within the job's lifetime give the same
+  `request_id`; the same key with another request is a Conflict.
+These are taken out of the body before it is validated as the model's parameters, so a job's `params`
+are exactly the contract's.
+
+Admission, in order: the key's rate limit, the credit reservation (`billing`), then the store. A job
+that never reaches the store gives its reservation back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fluxserve.accounts import AccountStore
+from fluxserve.app.access import Access, Caller
+from fluxserve.app.billing import Billing
+from fluxserve.app.control import DeadlineWatcher, parse_cancel_after
+from fluxserve.app.errors import Conflict, InvalidRequest, ModelUnavailable, RateLimited
+from fluxserve.app.webhook_owners import OwnerWebhooks
+from fluxserve.contract import GenerateRequest, RequestError, parse_request
+from fluxserve.jobs import (
+    Deadline,
+    IdempotencyConflict,
+    IdempotencyKey,
+    Job,
+    JobMeta,
+    JobStore,
+    WebhookTarget,
+    new_job_id,
+)
+from fluxserve.webhooks import DEFAULT_EVENTS, EVENT_TRIGGERS, deliveries_for
+from fluxserve.webhooks.targets import WebhookTargetError, check_url
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+SUBMIT_OPTION_SCHEMA: dict[str, Any] = {
+    "webhook": {
+        "type": "string",
+        "format": "uri",
+        "description": "POST the result here when the request ends",
+    },
+    "webhook_events_filter": {
+        "type": "array",
+        "items": {"enum": list(EVENT_TRIGGERS)},
+        "description": "Which events to send: 'completed' (default) and/or 'start'",
+    },
+    "cancel_after": {
+        "anyOf": [{"type": "number"}, {"type": "string"}],
+        "description": "Cancel the request after this many seconds, or a duration such as '90s' or '5m'",
+    },
+}
+
+
+def submit_body_schema() -> dict[str, Any]:
+    schema = GenerateRequest.model_json_schema()
+    return {**schema, "properties": {**schema["properties"], **SUBMIT_OPTION_SCHEMA}}
+
+
+@dataclass(frozen=True)
+class SubmitHeaders:
+    """What a submit's HTTP headers say, as plain values."""
+
+    idempotency_key: str | None = None
+    cancel_after: str | None = None
+
+
+@dataclass
+class SubmitOptions:
+    fingerprint: str
+    webhook: str | None = None
+    events: list[str] = field(default_factory=lambda: list(DEFAULT_EVENTS))
+    cancel_after: float | None = None
+    idempotency_key: str | None = None
+
+
+def decode_json(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("Request body must be valid JSON") from None
+
+
+def take_submit_options(payload: object, headers: SubmitHeaders) -> SubmitOptions:
+    """Remove the submit options from the decoded body (in place) and validate them."""
+    options = SubmitOptions(fingerprint=_fingerprint(payload, headers.cancel_after))
+    options.idempotency_key = _idempotency_key(headers.idempotency_key)
+    if not isinstance(payload, dict):
+        return options  # the parameter validation answers this one
+    webhook = payload.pop("webhook", None)
+    if webhook is not None:
+        if not isinstance(webhook, str):
+            raise InvalidRequest("webhook: must be an http(s) URL")
+        options.webhook = webhook
+    events = payload.pop("webhook_events_filter", None)
+    if events is not None:
+        if not isinstance(events, list) or not events or any(event not in EVENT_TRIGGERS for event in events):
+            raise InvalidRequest(
+                "webhook_events_filter: must be a non-empty list of " + ", ".join(map(repr, EVENT_TRIGGERS))
+            )
+        options.events = events
+    cancel_after = payload.pop("cancel_after", None)
+    if headers.cancel_after is not None:
+        cancel_after = headers.cancel_after
+    if cancel_after is not None:
+        try:
+            options.cancel_after = parse_cancel_after(cancel_after)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+    return options
+
+
+def _fingerprint(payload: object, cancel_header: str | None) -> str:
+    canonical = json.dumps({"body": payload, "cancel_after": cancel_header}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not 0 < len(value) <= MAX_IDEMPOTENCY_KEY_LENGTH or not value.isprintable():
+        raise InvalidRequest(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable characters")
+    return value
+
+
+class Submitter:
+    def __init__(
+        self,
+        *,
+        slug: str,
+        jobs: JobStore,
+        accounts: AccountStore,
+        access: Access,
+        billing: Billing,
+        webhooks: OwnerWebhooks,
+        deadlines: DeadlineWatcher,
+        allow_private_webhooks: bool,
+        model_unavailable: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.slug = slug
+        self.jobs = jobs
+        self.accounts = accounts
+        self.access = access
+        self.billing = billing
+        self.webhooks = webhooks
+        self.deadlines = deadlines
+        self.allow_private_webhooks = allow_private_webhooks
+        # Why no job can run (the model failed to load), or None.
+        self.model_unavailable = model_unavailable
+
+    def submit(self, caller: Caller, body: bytes, headers: SubmitHeaders, base_url: str) -> Job:
+        """The stored job: this one, or an earlier one with the same Idempotency-Key (charged once)."""
+        self.access.authorize_model(caller, self.slug)
+        payload = decode_json(body)
+        options = take_submit_options(payload, headers)
+        try:
+            params = parse_request(payload).with_resolved_seed()
+        except RequestError as exc:
+            raise InvalidRequest(str(exc)) from None
+        reason = self.model_unavailable()
+        if reason is not None:
+            raise ModelUnavailable(f"The model is not available: {reason}")
+        job = Job(id=new_job_id(), slug=self.slug, params=params, owner=caller.account_id, created_at=time.time())
+        self._take_rate_token(caller)
+        cost = self.billing.reserve(caller, job)
+        try:
+            stored = self._store(job, cost, options, caller, base_url)
+        except BaseException:
+            self.billing.release_unless_queued(caller, job.id)
+            raise
+        if stored.id != job.id:
+            self.billing.refund_replay(caller, job.id)
+        return stored
+
+    def _take_rate_token(self, caller: Caller) -> None:
+        if caller.account is None or caller.key is None or not caller.account.rate_per_minute:
+            return
+        rate = caller.account.rate_per_minute
+        wait = self.accounts.take_token(f"key:{caller.key.id}", rate)
+        if wait:
+            seconds = math.ceil(wait)
+            raise RateLimited(
+                f"Rate limit exceeded: this key may make {rate:g} generation requests per minute; "
+                f"retry in {seconds}s",
+                retry_after=seconds,
+            )
+
+    def _store(self, job: Job, cost: float, options: SubmitOptions, caller: Caller, base_url: str) -> Job:
+        """Submit the job with its webhook deliveries, deadline and idempotency key."""
+        url = options.webhook or self.webhooks.default_url(job.owner)
+        webhook, deliveries = None, []
+        if url:
+            try:
+                check_url(url, allow_private=self.allow_private_webhooks)
+            except WebhookTargetError as exc:
+                raise InvalidRequest(f"webhook: {exc}") from None
+            webhook = WebhookTarget(url, base_url, self.access.media_query(caller, job.id))
+            deliveries = deliveries_for(job.id, url, options.events)
+        deadline = None
+        if options.cancel_after is not None:
+            deadline = Deadline(options.cancel_after, job.created_at + options.cancel_after)
+        job.meta = JobMeta(webhook=webhook, deadline=deadline, cost=cost)
+        idempotency = (
+            IdempotencyKey(options.idempotency_key, options.fingerprint, job.owner) if options.idempotency_key else None
+        )
+        try:
+            stored = self.jobs.submit(job, deliveries=deliveries, idempotency=idempotency)
+        except IdempotencyConflict as exc:
+            raise Conflict(
+                f"Idempotency-Key {options.idempotency_key!r} was already used with a different request "
+                f"(request {exc.job_id}); use a new key for a new request"
+            ) from None
+        if stored.id == job.id:  # a new job, not an idempotent replay
+            self.deadlines.watch(stored)
+        return stored

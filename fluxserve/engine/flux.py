@@ -1,0 +1,96 @@
+"""The engine of a loaded FLUX pipeline.
+
+Every request gets its own scheduler instance and its own `torch.Generator` seeded from the request,
+so the same request gives the same pixels and concurrent jobs never share sampler state. Any
+width/height in range is honoured exactly: the pipeline runs at the next multiple of 16 and the
+result is center-cropped. torch and diffusers are imported inside the calls that need them, so an
+API process that never runs the model never loads them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+
+from fluxserve.engine.errors import InvalidImage, OutOfMemory
+from fluxserve.engine.memory import after_generation, release_memory
+from fluxserve.engine.optimize import AppliedSpeed
+from fluxserve.engine.preview import latent_preview
+from fluxserve.engine.protocol import GenerationParams, PreviewCallback, ProgressCallback
+from fluxserve.engine.schedulers import build_scheduler
+from fluxserve.engine.sizes import center_crop, padded
+
+
+class FluxEngine:
+    """The `Engine` of a loaded FLUX pipeline."""
+
+    def __init__(self, pipeline, *, max_sequence_length: int = 512, description: str = "", speed=None) -> None:
+        self.pipeline = pipeline
+        self.max_sequence_length = max_sequence_length
+        self.description = description
+        # Speed options applied to the pipeline (fluxserve/engine/optimize.py); none by default.
+        self.speed = speed or AppliedSpeed()
+        self._base_scheduler_config = dict(pipeline.scheduler.config)
+        # One generation at a time per pipeline: the modules are shared, and on one GPU running two
+        # denoising loops side by side is slower than running them one after the other.
+        self._lock = threading.Lock()
+
+    def metrics(self) -> dict[str, Any]:
+        return self.speed.metrics()  # speed_preset, speed_options
+
+    def generate(
+        self,
+        params: GenerationParams,
+        on_step: ProgressCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ):
+        """Run the pipeline for one request; returns a PIL image of exactly width×height.
+
+        `on_step(step, total)` runs after each denoising step; raising GenerationCancelled from it stops
+        the run. `on_preview(image)`, when given, gets a low-resolution preview just before it.
+        """
+        import numpy as np
+
+        import torch
+        from diffusers import FluxPipeline
+
+        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        # Stochastic samplers draw their per-step noise from this same generator.
+        scheduler = build_scheduler(params.scheduler, self._base_scheduler_config, generator=generator)
+        pipe = FluxPipeline(**{**self.pipeline.components, "scheduler": scheduler})
+        pipe.set_progress_bar_config(disable=True)
+
+        def step_end(_pipe, step: int, _timestep, tensors):
+            if on_preview is not None:
+                on_preview(latent_preview(tensors["latents"], padded(params.height), padded(params.width),
+                                          pipe.vae_scale_factor))
+            if on_step is not None:
+                # Some samplers (Heun) take more model calls than `steps`; report the real count.
+                on_step(step + 1, len(_pipe.scheduler.timesteps))
+            return tensors
+
+        speed = self.speed.during(pipe, padded(params.width), padded(params.height))  # speed options
+        with self._lock, torch.inference_mode(), speed:
+            try:
+                pixels = pipe(
+                    prompt=params.prompt,
+                    width=padded(params.width),
+                    height=padded(params.height),
+                    num_inference_steps=params.steps,
+                    guidance_scale=float(params.guidance),
+                    generator=generator,
+                    max_sequence_length=self.max_sequence_length,
+                    callback_on_step_end=step_end,
+                    output_type="np",
+                ).images
+            except torch.OutOfMemoryError:
+                release_memory()
+                raise OutOfMemory(params.width, params.height) from None
+            finally:
+                after_generation(self.pipeline)
+        # Checked before the cast to 8 bits, which would silently turn NaN into black.
+        if not np.isfinite(pixels).all():
+            raise InvalidImage()
+        image = pipe.image_processor.numpy_to_pil(pixels)[0]
+        return center_crop(image, params.width, params.height)
