@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test clean browser
+.PHONY: run test check clean browser
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/fluxserve serve
 
-test: $(BIN)/.installed browser
+test: check browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Static checks: ruff's rule set and mypy (both configured in pyproject.toml).
+check: $(BIN)/.installed
+	$(BIN)/ruff check fluxserve tests bench
+	$(BIN)/mypy
 
 # Debian's Chromium, for the playground's browser test (which skips, saying why, when it is missing).
 browser:

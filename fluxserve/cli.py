@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fluxserve.config import Settings
 from fluxserve.keys_cli import keys_app
 from fluxserve.logs import configure_logging
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+ModelOption = Annotated[
+    str | None, typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")
+]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-hosted FLUX text-to-image API.")
 app.add_typer(keys_app, name="keys")
@@ -22,14 +29,14 @@ def settings_with(**overrides: object) -> Settings:
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Bind address [env FLUXSERVE_HOST]")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port [env FLUXSERVE_PORT]")] = None,
-    model: Annotated[Optional[str], typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Jobs and outputs live here [env FLUXSERVE_DATA_DIR]")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [env FLUXSERVE_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env FLUXSERVE_PORT]")] = None,
+    model: ModelOption = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Jobs and outputs live here [env FLUXSERVE_DATA_DIR]")] = None,
     worker: Annotated[
-        Optional[bool], typer.Option("--worker/--no-worker", help="Run jobs in this process [env FLUXSERVE_WORKER]")
+        bool | None, typer.Option("--worker/--no-worker", help="Run jobs in this process [env FLUXSERVE_WORKER]")
     ] = None,
-    auth: Annotated[Optional[str], typer.Option(help="API keys: required | off | auto [env FLUXSERVE_AUTH]")] = None,
+    auth: Annotated[str | None, typer.Option(help="API keys: required | off | auto [env FLUXSERVE_AUTH]")] = None,
 ) -> None:
     """Start the API (with an embedded worker unless --no-worker / FLUXSERVE_WORKER=false)."""
     from fluxserve.api import create_app
@@ -48,11 +55,17 @@ def serve(
 
 @app.command("worker")
 def worker_command(
-    concurrency: Annotated[Optional[int], typer.Option(help="Jobs run side by side [env FLUXSERVE_WORKER_CONCURRENCY]")] = None,
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated slugs to claim [env FLUXSERVE_WORKER_MODELS]")] = None,
-    model: Annotated[Optional[str], typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Bind address of /health, /ready, /metrics [env FLUXSERVE_HOST]")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port of /health, /ready, /metrics [env FLUXSERVE_PORT]")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Jobs run side by side [env FLUXSERVE_WORKER_CONCURRENCY]")
+    ] = None,
+    models: Annotated[
+        str | None, typer.Option(help="Comma-separated slugs to claim [env FLUXSERVE_WORKER_MODELS]")
+    ] = None,
+    model: ModelOption = None,
+    host: Annotated[
+        str | None, typer.Option(help="Bind address of /health, /ready, /metrics [env FLUXSERVE_HOST]")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port of /health, /ready, /metrics [env FLUXSERVE_PORT]")] = None,
 ) -> None:
     """Claim and run jobs from the shared store (FLUXSERVE_STORE); SIGTERM drains: the job in hand finishes."""
     from fluxserve.api.worker_app import create_worker_app
@@ -62,7 +75,7 @@ def worker_command(
     run_http(create_worker_app(settings), settings)
 
 
-def run_http(asgi_app: object, settings: Settings) -> None:
+def run_http(asgi_app: FastAPI, settings: Settings) -> None:
     import uvicorn
 
     configure_logging(settings.log_level, settings.log_format)
@@ -91,12 +104,12 @@ def generate(
     steps: int = 25,
     seed: int = 1184522,
     cfg_scale: Annotated[float, typer.Option("--cfg-scale", help="CFGScale (FLUX guidance)")] = 7,
-    output_format: Annotated[Optional[str], typer.Option("--format", help="JPG, PNG or WEBP (default: from -o)")] = None,
+    output_format: Annotated[str | None, typer.Option("--format", help="JPG, PNG or WEBP (default: from -o)")] = None,
     scheduler: str = "Euler",
-    model: Annotated[Optional[str], typer.Option(help="As for serve; the tiny demo model when unset")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Where the tiny demo model is kept")] = None,
-    server: Annotated[Optional[str], typer.Option(help="Generate on this server (URL) instead")] = None,
-    api_key: Annotated[Optional[str], typer.Option(help="for --server", envvar="FLUXSERVE_API_KEY")] = None,
+    model: Annotated[str | None, typer.Option(help="As for serve; the tiny demo model when unset")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the tiny demo model is kept")] = None,
+    server: Annotated[str | None, typer.Option(help="Generate on this server (URL) instead")] = None,
+    api_key: Annotated[str | None, typer.Option(help="for --server", envvar="FLUXSERVE_API_KEY")] = None,
 ) -> None:
     """Generate one image locally with the engine, or on a server with --server URL."""
     from tqdm import tqdm
@@ -125,7 +138,11 @@ def generate(
     engine = load_engine(settings)
     params = request.generation_params()
     with tqdm(total=request.steps, unit="step") as bar:
-        image = engine.generate(params, on_step=lambda step, total: bar.update(step - bar.n))
+
+        def on_step(step: int, _total: int) -> None:
+            bar.update(step - bar.n)
+
+        image = engine.generate(params, on_step=on_step)
     data, _ = encode_image(image, request.outputFormat)
     output.write_bytes(data)
     typer.echo(f"wrote {output} ({request.width}x{request.height}, seed {request.seed})")

@@ -105,7 +105,7 @@ def _terminal_body(response: httpx.Response) -> dict[str, Any]:
 
 def parse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(event name, decoded data) pairs from the lines of a text/event-stream."""
-    name, data = "message", []
+    name, data = "message", list[str]()
     for line in lines:
         if not line:
             if data:

@@ -59,9 +59,9 @@ class GenerateRequest(BaseModel):
     seed: Annotated[StrictInt, Field(ge=RANDOM_SEED, le=MAX_SEED)] = DEFAULT_SEED
     CFGScale: Guidance = 7
     outputFormat: Literal["JPG", "PNG", "WEBP"] = "JPG"
-    scheduler: Annotated[str, Field(description=scheduler_docs(), json_schema_extra={"enum": list(SCHEDULER_NAMES)})] = (
-        "Euler"
-    )
+    scheduler: Annotated[
+        str, Field(description=scheduler_docs(), json_schema_extra={"enum": list(SCHEDULER_NAMES)})
+    ] = "Euler"
     base64: StrictBool = False
 
     @model_validator(mode="after")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -23,7 +23,7 @@ from fluxserve.webhooks.targets import WebhookTargetError, check_url
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys, accounts and credits.")
 
-DataDir = Annotated[Optional[Path], typer.Option(help="The server's data dir [env FLUXSERVE_DATA_DIR]")]
+DataDir = Annotated[Path | None, typer.Option(help="The server's data dir [env FLUXSERVE_DATA_DIR]")]
 _PER = {"s": 60.0, "sec": 60.0, "min": 1.0, "m": 1.0, "h": 1 / 60, "hour": 1 / 60}
 
 
@@ -49,10 +49,12 @@ def open_access(data_dir: Path | None) -> Iterator[Access]:
 @keys_app.command("create")
 def create(
     name: Annotated[str, typer.Option(help="Account name (an existing account gets an extra key)")],
-    credits: Annotated[Optional[float], typer.Option(min=0, help="Opening balance in credits (new account)")] = None,
-    rate: Annotated[Optional[str], typer.Option(help="Generation requests per key: N/min, N/s, N/h; 0 = unlimited")] = None,
-    concurrency: Annotated[Optional[int], typer.Option(min=0, help="Jobs in flight per key; 0 = unlimited")] = None,
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated model slugs allowed (default: all)")] = None,
+    credits: Annotated[float | None, typer.Option(min=0, help="Opening balance in credits (new account)")] = None,
+    rate: Annotated[
+        str | None, typer.Option(help="Generation requests per key: N/min, N/s, N/h; 0 = unlimited")
+    ] = None,
+    concurrency: Annotated[int | None, typer.Option(min=0, help="Jobs in flight per key; 0 = unlimited")] = None,
+    models: Annotated[str | None, typer.Option(help="Comma-separated model slugs allowed (default: all)")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Create an account and an API key (shown once), or another key for an existing account."""
@@ -90,7 +92,7 @@ def list_keys(
     with open_access(data_dir) as access:
         accounts = access.store.list_accounts()
         keys = access.store.list_keys()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": account.name,
             "balance": to_credits(account.balance),
@@ -111,7 +113,7 @@ def list_keys(
         return
     if not rows:
         typer.echo("No accounts yet: `fluxserve keys create --name NAME --credits N`")
-    for account, row in zip(accounts, rows):
+    for account, row in zip(accounts, rows, strict=False):
         typer.echo(f"{row['name']}: {_describe(account)}")
         for key in row["keys"]:
             created = datetime.fromtimestamp(key["created_at"]).isoformat(timespec="seconds")
@@ -138,7 +140,7 @@ def revoke(
 def top_up(
     name: Annotated[str, typer.Argument(help="Account name")],
     credits: Annotated[float, typer.Option(help="Credits to add (> 0)")],
-    note: Annotated[Optional[str], typer.Option(help="Kept in the ledger")] = None,
+    note: Annotated[str | None, typer.Option(help="Kept in the ledger")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Add credits to an account."""
@@ -153,7 +155,7 @@ def top_up(
 @keys_app.command("webhook")
 def webhook(
     name: Annotated[str, typer.Argument(help="Account name")],
-    url: Annotated[Optional[str], typer.Option(help="Default webhook URL for the account's requests")] = None,
+    url: Annotated[str | None, typer.Option(help="Default webhook URL for the account's requests")] = None,
     clear_url: Annotated[bool, typer.Option("--clear-url", help="Remove the default webhook URL")] = False,
     rotate_secret: Annotated[bool, typer.Option("--rotate-secret", help="Replace the signing secret")] = False,
     data_dir: DataDir = None,

@@ -28,9 +28,10 @@ def new_request_id() -> str:
 @contextmanager
 def log_context(**fields: Any) -> Iterator[dict[str, Any]]:
     """Fields for every record logged until the block ends (the dict is shared, so it can grow)."""
-    token = _context.set({**(_context.get() or {}), **fields})
+    current = {**(_context.get() or {}), **fields}
+    token = _context.set(current)
     try:
-        yield _context.get()
+        yield current
     finally:
         _context.reset(token)
 

@@ -26,5 +26,5 @@ def generate_remote(server: str, api_key: str | None, request: GenerateRequest) 
         except FluxserveError as exc:
             raise SystemExit(f"error: {exc.detail}") from None
         bar.set_description("done")
-        bar.update(bar.total - bar.n)
+        bar.update(request.steps - bar.n)
         return client.download(result["output"])

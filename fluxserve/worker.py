@@ -81,7 +81,7 @@ class Worker:
         slugs: list[str] | None = None,
         idle_poll_seconds: float = 0.2,
         worker_id: str | None = None,
-        on_finished: Callable[[str], None] | None = None,
+        on_finished: Callable[[str], object] | None = None,
         previews: bool = True,
         metrics: Metrics | None = None,
         moderation: Moderation | None = None,

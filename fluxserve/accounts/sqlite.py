@@ -109,7 +109,13 @@ class SqliteAccountStore:
                 _move(db, account_id, "credit", amount=credits, reserved_change=0, note="opening balance")
         except sqlite3.IntegrityError:
             raise ValueError(f"an account named {name!r} already exists") from None
-        return self.get_account(account_id)
+        return self._account(account_id)
+
+    def _account(self, account_id: str) -> Account:
+        """An account this store just wrote (it exists)."""
+        account = self.get_account(account_id)
+        assert account is not None
+        return account
 
     def get_account(self, account_id: str) -> Account | None:
         row = self.file.db().execute("SELECT * FROM accounts WHERE id = ?", (account_id,)).fetchone()
@@ -127,7 +133,7 @@ class SqliteAccountStore:
             raise ValueError("a top-up adds a positive amount of credits")
         with self.file.transaction() as db:
             _move(db, account_id, "credit", amount=credits, reserved_change=0, note=note or "top-up")
-        return self.get_account(account_id)
+        return self._account(account_id)
 
     def add_key(self, key_id: str, account_id: str, digest: str) -> ApiKey:
         key = ApiKey(key_id, account_id, digest, time.time())
@@ -166,7 +172,7 @@ class SqliteAccountStore:
             cur = db.execute(f"UPDATE accounts SET {column} = ? WHERE id = ?", (value, account_id))
         if cur.rowcount != 1:
             raise KeyError(f"no account {account_id}")
-        return self.get_account(account_id)
+        return self._account(account_id)
 
     # -- money ---------------------------------------------------------------------------------
 
@@ -176,9 +182,8 @@ class SqliteAccountStore:
             if existing:
                 return _reservation(existing)
             account = db.execute("SELECT * FROM accounts WHERE id = ?", (account_id,)).fetchone()
-            if account["max_in_flight"]:
-                if self.in_flight(key_id) >= account["max_in_flight"]:
-                    raise TooManyInFlight(account["max_in_flight"])
+            if account["max_in_flight"] and self.in_flight(key_id) >= account["max_in_flight"]:
+                raise TooManyInFlight(account["max_in_flight"])
             if account["balance"] - account["reserved"] < amount:
                 raise NotEnoughCredits(amount, account["balance"] - account["reserved"])
             _move(db, account_id, "reserve", amount=0, reserved_change=amount, job_id=job_id)

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import anyio
@@ -74,7 +75,7 @@ async def _events(
                 yield _event("status", final)  # a fast finish must not hide the last step from the stream
             yield _event(job.state.value.lower(), results.body(caller, job, base))
             return
-        body = await anyio.to_thread.run_sync(lambda job=job: results.status(job, preview=preview))
+        body = await anyio.to_thread.run_sync(partial(results.status, job, preview=preview))
         if body != last:
             yield _event("status", body)
             last, last_sent = body, time.monotonic()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxserve.accounts import Account, AccountStore, ApiKey
-from fluxserve.accounts.keys import Keyring, KeyRejected, server_secret
+from fluxserve.accounts.keys import KeyRejected, Keyring, server_secret
 from fluxserve.app.errors import Forbidden, Unauthenticated
 from fluxserve.config import AccountSettings
 from fluxserve.jobs import Job

@@ -99,7 +99,11 @@ class Billing:
             if job is not None:
                 settled += self.settle(job)
             elif now - reservation.created_at > orphan_after_seconds:
-                if self.accounts.settle(reservation.job_id, charge=False):
-                    log.warning("reservation for job %s released: the job no longer exists", reservation.job_id)
-                    settled += 1
+                settled += self._release_orphan(reservation.job_id)
         return settled
+
+    def _release_orphan(self, job_id: str) -> bool:
+        released = self.accounts.settle(job_id, charge=False)
+        if released:
+            log.warning("reservation for job %s released: the job no longer exists", job_id)
+        return released

@@ -40,7 +40,7 @@ class SleepingEngine:
         on_preview: PreviewCallback | None = None,
     ) -> Image.Image:
         """Sleep `seconds` in all, spread over the steps; a flat grey image of exactly width×height."""
-        preview = Image.new("RGB", preview_size(params.width, params.height), GREY) if on_preview else None
+        preview = Image.new("RGB", preview_size(params.width, params.height), GREY)
         for step in range(params.steps):
             time.sleep(self.seconds / params.steps)
             if on_preview is not None:

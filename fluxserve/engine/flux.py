@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-
 from fluxserve.engine.errors import InvalidImage, OutOfMemory
 from fluxserve.engine.memory import after_generation, release_memory
 from fluxserve.engine.optimize import AppliedSpeed
@@ -51,14 +50,13 @@ class FluxEngine:
         the run. `on_preview(image)`, when given, gets a low-resolution preview just before it.
         """
         import numpy as np
-
         import torch
         from diffusers import FluxPipeline
 
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
         # Stochastic samplers draw their per-step noise from this same generator.
         scheduler = build_scheduler(params.scheduler, self._base_scheduler_config, generator=generator)
-        pipe = FluxPipeline(**{**self.pipeline.components, "scheduler": scheduler})
+        pipe: Any = FluxPipeline(**{**self.pipeline.components, "scheduler": scheduler})
         pipe.set_progress_bar_config(disable=True)
 
         def step_end(_pipe, step: int, _timestep, tensors):

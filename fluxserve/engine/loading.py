@@ -67,7 +67,7 @@ def load_pipeline(source: ModelSource, *, device: str, dtype):
             pipe = FluxPipeline.from_pretrained(source.base, transformer=transformer, torch_dtype=dtype)
         else:
             pipe = FluxPipeline.from_pretrained(source.location, torch_dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"Could not load model {source.location!r}"
             + (f" (base {source.base!r})" if source.base else "")

@@ -39,7 +39,7 @@ def fuse_loras(pipe, spec: str) -> None:
     if not loras:
         return
     names = [f"lora_{index}" for index in range(len(loras))]
-    for name, lora in zip(names, loras):
+    for name, lora in zip(names, loras, strict=False):
         log.info("loading LoRA %s (scale %g)", lora.location, lora.scale)
         try:
             pipe.load_lora_weights(lora.location, adapter_name=name)

@@ -148,7 +148,7 @@ def apply_speed(pipe, plan: SpeedPlan) -> AppliedSpeed:
         pipe.vae.to(memory_format=torch.channels_last)
     if options.compile:
         configure_compiler(plan.compile_cache_dir)
-        settings = dict(mode=plan.compile_mode, dynamic=plan.compile_dynamic)
+        settings = {"mode": plan.compile_mode, "dynamic": plan.compile_dynamic}
         for block in repeated_blocks(transformer):
             block.forward = CompiledForward(block.forward, fullgraph=True, **settings)
             applied.compiled.append(block.forward)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from fluxserve.config import ModelSettings, SpeedSettings
-from fluxserve.engine.sizes import SIZE_MULTIPLE
+from fluxserve.engine.sizes import padded
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ class Machine:
 
         capability = None
         if device.startswith("cuda") and torch.cuda.is_available():
-            capability = tuple(torch.cuda.get_device_capability(torch.device(device)))
+            major, minor = torch.cuda.get_device_capability(torch.device(device))
+            capability = (major, minor)
         from diffusers.models import attention_dispatch
 
         modules = frozenset(m for m in cls.OPTIONAL_MODULES if importlib.util.find_spec(m) is not None)
@@ -155,8 +156,9 @@ class SpeedPlan:
     vae_tiling_min_pixels: int | None = None
 
     def without(self, option: str, reason: str) -> SpeedPlan:
-        off = "default" if option == "attention" else False
-        return replace(self, options=replace(self.options, **{option: off}), skipped={**self.skipped, option: reason})
+        off: str | bool = "default" if option == "attention" else False
+        options = replace(self.options, **{option: off})  # type: ignore[arg-type]
+        return replace(self, options=options, skipped={**self.skipped, option: reason})
 
     def metrics(self) -> dict:
         """What a result's metrics say about the speed options that ran."""
@@ -171,7 +173,7 @@ class SpeedPlan:
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
     """ "1024x1024,768x1344" → ((1024, 1024), (768, 1344)); sizes are rounded up to what the model runs at."""
-    sizes = []
+    sizes: list[tuple[int, int]] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         try:
             width, height = (int(value) for value in item.lower().split("x"))
@@ -179,7 +181,7 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
             raise ValueError(f"Bad size {item!r} in FLUXSERVE_SPEED_WARMUP_SIZES (use WxH,WxH)") from None
         if width <= 0 or height <= 0:
             raise ValueError(f"Bad size {item!r} in FLUXSERVE_SPEED_WARMUP_SIZES")
-        sizes.append(tuple(-(-v // SIZE_MULTIPLE) * SIZE_MULTIPLE for v in (width, height)))
+        sizes.append((padded(width), padded(height)))
     return tuple(dict.fromkeys(sizes))
 
 

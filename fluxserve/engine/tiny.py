@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 # FLUX.1-dev's scheduler settings (its scheduler_config.json).
-FLUX_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
+FLUX_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 
 _HIDDEN = 32  # text encoders' width; also the transformer's joint/pooled projection width
 
@@ -69,7 +70,8 @@ def build_tiny_pipeline(seed: int = 0):
     t5_tokenizer = _t5_tokenizer()
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
+    # diffusers' and transformers' classes are only partly typed.
+    transformer: Any = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,
         num_layers=1,
@@ -82,7 +84,7 @@ def build_tiny_pipeline(seed: int = 0):
         axes_dims_rope=(4, 4, 8),
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+    vae: Any = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -113,7 +115,7 @@ def build_tiny_pipeline(seed: int = 0):
     )
     torch.manual_seed(seed + 3)
     text_encoder_2 = T5EncoderModel(
-        T5Config(
+        T5Config(  # type: ignore[call-arg]
             vocab_size=len(t5_tokenizer),
             d_model=_HIDDEN,
             d_kv=8,

@@ -23,7 +23,6 @@ from typing import Any
 import redis
 
 from fluxserve.contract import JobState
-from fluxserve.redisconn import connect
 from fluxserve.jobs import (
     IdempotencyConflict,
     IdempotencyKey,
@@ -36,6 +35,7 @@ from fluxserve.jobs import (
 from fluxserve.jobs import redis_scripts as scripts
 from fluxserve.jobs.outbox import Delivery, DeliveryLease, DeliveryState
 from fluxserve.jobs.policy import LeasePolicy, idempotency_scope
+from fluxserve.redisconn import connect
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,8 @@ def _delivery_record(delivery: Delivery) -> dict[str, Any]:
 
 def _fields(flat: list[str]) -> dict[str, Any]:
     """The dataclass fields of a flat HGETALL answer, decoded (`_`-fields are the store's own)."""
-    return {name: json.loads(value) for name, value in zip(flat[::2], flat[1::2]) if not name.startswith("_")}
+    pairs = zip(flat[::2], flat[1::2], strict=True)
+    return {name: json.loads(value) for name, value in pairs if not name.startswith("_")}
 
 
 def _decode_job(flat: list[str]) -> Job:

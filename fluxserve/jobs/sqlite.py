@@ -120,7 +120,7 @@ class SqliteJobStore:
         job.created_at = job.created_at or time.time()
         idem_key = idempotency_scope(idempotency) if idempotency else None
         with self._transaction() as db:
-            if idem_key is not None:
+            if idempotency is not None and idem_key is not None:
                 holder = self._idempotency_holder(db, idem_key, idempotency.fingerprint)
                 if holder is not None:
                     return holder
@@ -285,7 +285,7 @@ class SqliteJobStore:
             "SELECT state, COUNT(*) FROM jobs WHERE expires_at IS NULL OR expires_at > ? GROUP BY state",
             (time.time(),),
         ).fetchall()
-        return {state: count for state, count in rows}
+        return dict(rows)
 
     def ping(self) -> bool:
         try:

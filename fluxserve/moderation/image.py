@@ -19,7 +19,7 @@ class ImageClassifier:
         self.blocked_labels = {label.strip().casefold() for label in blocked_labels if label.strip()}
         self.threshold = threshold
         self._classify = pipeline("image-classification", model=model, device=device)
-        known = {label.casefold() for label in self._classify.model.config.id2label.values()}
+        known = {label.casefold() for label in (self._classify.model.config.id2label or {}).values()}
         if not self.blocked_labels & known:
             raise ValueError(
                 f"image classifier {model!r} has labels {sorted(known)}; none of the blocked labels "

@@ -2,9 +2,9 @@
 
 The blocklist file format is described at the top of the built-in `blocklist.txt`. Matching works on
 a normalised prompt (Unicode compatibility forms folded, accents and case dropped, punctuation turned
-into spaces), so "SELF-HARM!" meets the rule "self harm" and "Décapitated" meets "decapitat*". It is a deterministic word filter, not
-a classifier: deliberate misspellings get past it, and it is meant to be paired with the image check
-or an upstream classifier where that matters.
+into spaces), so "SELF-HARM!" meets the rule "self harm" and "Décapitated" meets "decapitat*". It is a
+deterministic word filter, not a classifier: deliberate misspellings get past it, and it is meant to be
+paired with the image check or an upstream classifier where that matters.
 """
 
 from __future__ import annotations

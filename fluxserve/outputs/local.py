@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -34,10 +35,8 @@ class LocalOutputStore:
             return None
 
     def delete(self, key: str) -> None:
-        try:
+        with contextlib.suppress(KeyError):
             self._path(key).unlink(missing_ok=True)
-        except KeyError:
-            pass
 
     def link(self, key: str) -> str | None:
         return None  # served through the API

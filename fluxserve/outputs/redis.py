@@ -29,7 +29,8 @@ class RedisOutputStore:
         self.client.set(self._key(key), data, ex=ttl)
 
     def get(self, key: str) -> bytes | None:
-        return self.client.get(self._key(key))
+        data = self.client.get(self._key(key))
+        return data if isinstance(data, bytes) else None
 
     def delete(self, key: str) -> None:
         self.client.delete(self._key(key))

@@ -10,10 +10,10 @@ recorded and shown in the request's result.
 
 from __future__ import annotations
 
-from fluxserve.jobs.outbox import Delivery, new_delivery_id
+from fluxserve.jobs.outbox import Delivery, DeliveryTrigger, new_delivery_id
 
 # Request-facing event names (Replicate's) → the outbox trigger that makes them due.
-EVENT_TRIGGERS = {"start": "started", "completed": "finished"}
+EVENT_TRIGGERS: dict[str, DeliveryTrigger] = {"start": "started", "completed": "finished"}
 DEFAULT_EVENTS = ("completed",)
 
 

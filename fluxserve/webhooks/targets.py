@@ -50,7 +50,7 @@ def resolve_permitted(host: str, port: int) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         raise WebhookTargetError(f"webhook host {host!r} does not resolve") from None
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     for address in addresses:
         reason = refusal_reason(ipaddress.ip_address(address.split("%", 1)[0]))
         if reason:
