@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
+import uvicorn
+from fastapi import FastAPI
+from tqdm import tqdm
 
+from fluxserve.api import create_app
+from fluxserve.api.worker_app import create_worker_app
 from fluxserve.config import Settings
+from fluxserve.contract import RequestError, parse_request
+from fluxserve.encode import encode_image
+from fluxserve.engine import load_engine
+from fluxserve.engine.tiny import save_tiny_model
 from fluxserve.keys_cli import keys_app
 from fluxserve.logs import configure_logging
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
+from fluxserve.remote import generate_remote
+from fluxserve.services import Services
 
 ModelOption = Annotated[
     str | None, typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")
@@ -39,8 +47,6 @@ def serve(
     auth: Annotated[str | None, typer.Option(help="API keys: required | off | auto [env FLUXSERVE_AUTH]")] = None,
 ) -> None:
     """Start the API (with an embedded worker unless --no-worker / FLUXSERVE_WORKER=false)."""
-    from fluxserve.api import create_app
-    from fluxserve.services import Services
 
     if auth not in (None, "required", "off", "auto"):
         raise typer.BadParameter("--auth must be required, off or auto")
@@ -68,7 +74,6 @@ def worker_command(
     port: Annotated[int | None, typer.Option(help="Port of /health, /ready, /metrics [env FLUXSERVE_PORT]")] = None,
 ) -> None:
     """Claim and run jobs from the shared store (FLUXSERVE_STORE); SIGTERM drains: the job in hand finishes."""
-    from fluxserve.api.worker_app import create_worker_app
 
     settings = settings_with(worker_concurrency=concurrency, worker_models=models, model=model, host=host,
                              port=port)
@@ -76,8 +81,6 @@ def worker_command(
 
 
 def run_http(asgi_app: FastAPI, settings: Settings) -> None:
-    import uvicorn
-
     configure_logging(settings.log_level, settings.log_format)
     # log_config=None: uvicorn logs through our handler; the access log is ours (with request ids).
     uvicorn.run(asgi_app, host=settings.host, port=settings.port, log_config=None, access_log=False)
@@ -89,8 +92,6 @@ def tiny_model(
     seed: Annotated[int, typer.Option(help="Initialisation seed (same seed, same weights)")] = 0,
 ) -> None:
     """Build the tiny random-weight FLUX pipeline offline (for demos and tests)."""
-    from fluxserve.engine.tiny import save_tiny_model
-
     save_tiny_model(out_dir, seed=seed)
     typer.echo(f"tiny FLUX pipeline written to {out_dir}")
 
@@ -112,12 +113,6 @@ def generate(
     api_key: Annotated[str | None, typer.Option(help="for --server", envvar="FLUXSERVE_API_KEY")] = None,
 ) -> None:
     """Generate one image locally with the engine, or on a server with --server URL."""
-    from tqdm import tqdm
-
-    from fluxserve.contract import RequestError, parse_request
-    from fluxserve.encode import encode_image
-    from fluxserve.engine import load_engine
-
     configure_logging("WARNING")
     fmt = output_format or {"png": "PNG", "webp": "WEBP"}.get(output.suffix.lower().lstrip("."), "JPG")
     try:
@@ -128,8 +123,6 @@ def generate(
     except RequestError as exc:
         raise typer.BadParameter(str(exc)) from None
     if server:
-        from fluxserve.remote import generate_remote
-
         data = generate_remote(server, api_key, request)
         output.write_bytes(data)
         typer.echo(f"wrote {output} ({request.width}x{request.height}, seed {request.seed}) from {server}")

@@ -10,6 +10,7 @@ keeps its flat names: a group field's env name is `FLUXSERVE_` + the group's pre
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -280,8 +281,6 @@ class FlatEnv(PydanticBaseSettingsSource):
         raise NotImplementedError  # __call__ reads every variable at once
 
     def __call__(self) -> dict[str, Any]:
-        import os
-
         known = flat_fields()
         found = {}
         for key, value in os.environ.items():
