@@ -32,7 +32,8 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,21 +48,23 @@ from fluxserve.engine.optimize import apply_speed  # noqa: E402
 from fluxserve.engine.speed import plan_speed  # noqa: E402
 
 # FLUX.1-dev's published configurations.
-FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-FLUX_VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    latent_channels=16, norm_num_groups=32, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
-    scaling_factor=0.3611, shift_factor=0.1159,
-)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+FLUX_VAE = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+    "latent_channels": 16, "norm_num_groups": 32, "sample_size": 1024,
+    "use_quant_conv": False, "use_post_quant_conv": False,
+    "scaling_factor": 0.3611, "shift_factor": 0.1159,
+}
+CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+          "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768,
+          "hidden_act": "quick_gelu"}
+T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+          "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu", "decoder_start_token_id": 0}
 
 # Dense tensor-core peaks (TFLOP/s): (bf16, fp8). The longest matching name wins.
 PEAK_TFLOPS = {
@@ -180,13 +183,13 @@ def step_flops(transformer_config: dict, width: int, height: int) -> tuple[float
     tokens = (width // 16) * (height // 16)
     with torch.device("meta"):
         model = FluxTransformer2DModel(**config)
-        inputs = dict(
-            hidden_states=torch.zeros(1, tokens, config["in_channels"]),
-            encoder_hidden_states=torch.zeros(1, TEXT_TOKENS, config["joint_attention_dim"]),
-            pooled_projections=torch.zeros(1, config["pooled_projection_dim"]),
-            timestep=torch.ones(1), img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(TEXT_TOKENS, 3),
-            guidance=torch.ones(1) if config.get("guidance_embeds") else None,
-        )
+        inputs = {
+            "hidden_states": torch.zeros(1, tokens, config["in_channels"]),
+            "encoder_hidden_states": torch.zeros(1, TEXT_TOKENS, config["joint_attention_dim"]),
+            "pooled_projections": torch.zeros(1, config["pooled_projection_dim"]),
+            "timestep": torch.ones(1), "img_ids": torch.zeros(tokens, 3), "txt_ids": torch.zeros(TEXT_TOKENS, 3),
+            "guidance": torch.ones(1) if config.get("guidance_embeds") else None,
+        }
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(**inputs, return_dict=False)
@@ -283,7 +286,7 @@ def engine_for(variant: str, pipe, args, warmup: tuple[int, int]):
     overrides = {"speed_compile": False} if no_compile else {}
     settings = Settings(speed_preset=variant, speed_warmup_sizes=f"{warmup[0]}x{warmup[1]}",
                         speed_compile_cache_dir=args.cache_dir, device=args.device, **overrides)
-    speed = apply_speed(pipe, plan_speed(settings, args.device))
+    speed = apply_speed(pipe, plan_speed(settings.speed, settings.model, args.device))
     engine = FluxEngine(pipe, max_sequence_length=TEXT_TOKENS, description=variant, speed=speed)
     speed.warm_up(engine.generate)
 
@@ -303,11 +306,11 @@ def run_variant(variant: str, models: Models, args, http: dict | None) -> Varian
     for index, (width, height) in enumerate(args.sizes):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        image, first = timed(lambda: generate(width, height, SEED))
+        image, first = timed(partial(generate, width, height, SEED))
         if index == 0:
             result.cold_start_s = time.perf_counter() - started
         counter.take()
-        seconds = [timed(lambda: generate(width, height, SEED))[1] for _ in range(args.repeats)]
+        seconds = [timed(partial(generate, width, height, SEED))[1] for _ in range(args.repeats)]
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         result.rows.append(Row(variant, width, height, statistics.median(seconds), first, peak,
                                steps_computed=counter.take(), image=np.array(image)))
@@ -331,7 +334,7 @@ def restart_time(variant: str, models: Models, args) -> float:
     started = time.perf_counter()
     pipe = models.pipeline()
     generate, *_ = engine_for(variant, pipe, args, args.sizes[0])
-    timed(lambda: generate(*args.sizes[0], SEED))
+    timed(partial(generate, *args.sizes[0], SEED))
     seconds = time.perf_counter() - started
     del generate, pipe
     torch._dynamo.reset()
@@ -425,7 +428,8 @@ def report(results: list[VariantResult], http: dict | None, header: dict, args) 
         for row in result.rows:
             lines.append(
                 f"| {row.variant} | {row.width}×{row.height} | {row.seconds:.3f} | {3600 / row.seconds:,.0f} "
-                f"| {fmt(row.speedup, '{:.2f}×')} | {fmt(row.floor_percent, '{:.0f} %')} | {fmt(row.peak_gib, '{:.1f}')} "
+                f"| {fmt(row.speedup, '{:.2f}×')} | {fmt(row.floor_percent, '{:.0f} %')} "
+                f"| {fmt(row.peak_gib, '{:.1f}')} "
                 f"| {row.first_seconds:.1f} | {row.steps_computed or '–'} | {fmt(row.psnr_db, '{:.1f}')} "
                 f"| {fmt(row.ssim, '{:.4f}')} |"
             )
@@ -465,7 +469,8 @@ def targets(results: list[VariantResult], args) -> list[str]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, tiny sizes: checks the script")
-    parser.add_argument("--sizes", default=None, help="square sizes, or WxH, first is warmed up (default 1024,512,2048)")
+    parser.add_argument("--sizes", default=None,
+                        help="square sizes, or WxH, first is warmed up (default 1024,512,2048)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 25)")
     parser.add_argument("--repeats", type=int, default=None, help="timed images per size (default 3)")
     parser.add_argument("--presets", default="quality,balanced,turbo")
@@ -510,7 +515,7 @@ def environment(args, gpu: str) -> dict:
     except ImportError:
         torchao_version = "not installed"
     return {
-        "gpu": gpu, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "gpu": gpu, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "model": args.model or ("tiny random-weight model (smoke)" if args.smoke else
                                 "FLUX.1-dev architecture, random weights (bf16)"),
         "steps": args.steps, "timed images per size": args.repeats, "torch": torch.__version__,
@@ -533,7 +538,8 @@ def main(argv=None) -> int:
     floors, header = {}, environment(args, gpu)
     for width, height in args.sizes:
         linear, attention = step_flops(models.transformer_config, width, height)
-        header[f"FLOPs per step {width}×{height}"] = f"{(linear + attention) / 1e12:.4g} TFLOP ({attention / 1e12:.4g} attention)"
+        total_tflop, attention_tflop = (linear + attention) / 1e12, attention / 1e12
+        header[f"FLOPs per step {width}×{height}"] = f"{total_tflop:.4g} TFLOP ({attention_tflop:.4g} attention)"
         if bf16_peak:
             floors[(width, height, False)] = (linear + attention) / (bf16_peak * 1e12)
             header[f"bf16 floor {width}×{height}"] = f"{floors[(width, height, False)] * args.steps:.2f} s"

@@ -3,84 +3,23 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from support.faults import faulty_server
+
+# ServerProcess and free_port are re-exported: test modules import them from conftest.
+from support.processes import RedisServer, ServerProcess, free_port, redis_answers
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SLUG = "juggernaut-pro-flux"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """`fluxserve serve` in a subprocess on a free loopback port."""
-
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, log_path: Path | None = None):
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "FLUXSERVE_DATA_DIR": str(data_dir), "FLUXSERVE_PORT": str(self.port),
-                    "FLUXSERVE_HOST": "127.0.0.1", **(env or {})}
-        self.log_path = log_path or data_dir / f"server-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fluxserve", "serve"], env=self.env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        if wait_ready:
-            self.wait_ready(timeout)
-        return self
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                health = httpx.get(f"{self.url}/health", timeout=2).json()
-                if health.get("engine") == "ready":
-                    return
-                if health.get("engine") == "failed":
-                    raise RuntimeError(f"engine failed to load: {health}")
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        """SIGKILL: no clean shutdown, as in a crash."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if getattr(self, "_log", None):
-            self._log.close()
+__all__ = ["SLUG", "ServerProcess", "free_port", "wait_status"]
 
 
 @pytest.fixture(scope="session")
@@ -92,11 +31,9 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_model):
-    """One shared server on the tiny model; faults are armed only for prompts containing `__explode__`."""
-    srv = ServerProcess(
-        tmp_path_factory.mktemp("server"),
-        env={"FLUXSERVE_MODEL": str(tiny_model), "FLUXSERVE_FAULTS": "engine_error_on=__explode__"},
-    ).start()
+    """One shared `serve` process on the tiny model; its engine fails for prompts containing `__explode__`."""
+    srv = faulty_server(tmp_path_factory.mktemp("server"), env={"FLUXSERVE_MODEL": str(tiny_model)},
+                        error_on="__explode__").start()
     yield srv
     srv.stop()
 
@@ -123,8 +60,6 @@ def redis_url(tmp_path_factory):
 
     Tests isolate themselves with a fresh key prefix (never a FLUSHDB), so sharing a server is safe.
     """
-    from fluxserve.fleet import RedisServer, redis_answers
-
     if redis_answers("redis://127.0.0.1:6379/0"):
         yield "redis://127.0.0.1:6379/0"
         return

@@ -1,43 +1,36 @@
-"""The access layer over HTTP, against a real server with keys: every error code of the contract as
+"""The access layer over HTTP, against the real app (in-process) with keys: every error code of the contract as
 `{"error": ...}` (and the real segmind SDK raising SegmindError with the message), credits under a
 burst of concurrent submits, job visibility, and keys never in clear in the database or the log."""
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
+import os
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from segmind import SegmindClient
 from segmind.exceptions import SegmindError
 from segmind.v2 import AsyncJob, InferenceFailed
+from typer.testing import CliRunner
 
-from conftest import SLUG, ServerProcess, free_port, wait_status
-from fluxserve.accounts.access import Access
-from fluxserve.accounts.money import to_micros
-from fluxserve.accounts.sqlite import SqliteAccountStore
-from fluxserve.config import Settings
+from fluxserve.cli import app as fluxserve_cli
+
+from support.accounts import accounts_of, create_key, revoke_key
+from support.app import SLUG, running_app, shared_engine, wait_status
+from support.faults import FaultyEngine, fail_submits_on, failing_loader
+from support.processes import free_port
 
 TINY = {"positivePrompt": "a cat", "width": 128, "height": 128, "steps": 1}
-SYNC_TIMEOUT_S = 4
-SLOW_JOB_S = 8
+SYNC_TIMEOUT_S = 2
+SLOW_JOB_S = 4
 ISSUED: list[str] = []  # every key made in this module, for the "never in clear" check
 
 
-def make_key(data_dir: Path, name: str, *, credits: float = 10, rate: float = 0, in_flight: int = 0,
-             models: tuple[str, ...] | None = None) -> str:
+def make_key(data_dir: Path, name: str, **limits) -> str:
     """An account with one key, made with the same code as `fluxserve keys create`."""
-    access = Access.open(Settings(data_dir=data_dir))
-    try:
-        account = access.store.create_account(name, credits=to_micros(credits), rate_per_minute=rate,
-                                              max_in_flight=in_flight, models=models)
-        key = access.keyring.issue(account.id)[1]
-    finally:
-        access.close()
+    key = create_key(data_dir, name, **limits).key
     ISSUED.append(key)
     return key
 
@@ -60,30 +53,28 @@ def keys(data_dir) -> dict[str, str]:
         "burst": make_key(data_dir, "burst", credits=50),
         "retrier": make_key(data_dir, "retrier", credits=10),
     }
-    with SqliteAccountStore(data_dir / "jobs.sqlite3") as store:
-        store.revoke_key(keys["revoked"].split("_")[1])
+    revoke_key(data_dir, keys["revoked"])
     return keys
 
 
 @pytest.fixture(scope="module")
 def srv(data_dir, keys, tiny_model):
-    """Keys exist, so the default `auto` mode requires them. Faults armed by marker words in prompts."""
-    server = ServerProcess(data_dir, env={
-        "FLUXSERVE_MODEL": str(tiny_model),
-        "FLUXSERVE_SYNC_TIMEOUT_SECONDS": str(SYNC_TIMEOUT_S),
-        "FLUXSERVE_FAULTS": f"engine_error_on=__explode__,api_error_on=__api500__,engine_delay_on=__slow__,"
-                            f"engine_delay_seconds={SLOW_JOB_S}",
-    }).start()
-    yield server
-    server.stop()
+    """Keys exist, so the default `auto` mode requires them. Faults armed by marker words in prompts:
+    the engine fails on `__explode__` and stalls on `__slow__`; storing a job fails on `__api500__`.
+    Two workers, so a stalled job does not hold up the next test's jobs."""
+    engine = FaultyEngine(shared_engine(tiny_model), error_on="__explode__", delay_on="__slow__",
+                          delay_seconds=SLOW_JOB_S)
+    with running_app(data_dir, engine=engine, model=str(tiny_model), sync_timeout_seconds=SYNC_TIMEOUT_S,
+                     worker_concurrency=2, setup=lambda services: fail_submits_on(services, "__api500__")) as app:
+        yield app
 
 
 def client_for(srv, key: str | None) -> httpx.Client:
-    return httpx.Client(base_url=srv.url, timeout=60, headers={"x-api-key": key} if key else {})
+    return srv.http(key)
 
 
-def sdk(srv, key: str | None) -> SegmindClient:
-    return SegmindClient(api_key=key, base_url=f"{srv.url}/v1", timeout=60)
+def sdk(srv, key: str | None):
+    return srv.sdk(key)
 
 
 def account_of(srv, key: str) -> dict:
@@ -96,7 +87,7 @@ def wait_settled(srv, key: str, timeout: float = 60) -> dict:
     """The worker settles right after a job ends; a status read can be a moment ahead of it."""
     deadline = time.monotonic() + timeout
     while (account := account_of(srv, key))["reserved"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05)
     return account
 
 
@@ -130,7 +121,7 @@ def test_a_valid_key_works_on_v1_v2_and_account(srv, keys):
     assert image.headers["content-type"] == "image/png"
     assert account_of(srv, keys["alice"])["balance"] == 9  # v1 answers after the charge
     # Authorization: Bearer works as well as x-api-key.
-    bearer = httpx.Client(base_url=srv.url, timeout=60, headers={"Authorization": f"Bearer {keys['alice']}"})
+    bearer = srv.http(headers={"Authorization": f"Bearer {keys['alice']}"})
     request_id = bearer.post(f"/v2/{SLUG}", json=TINY).json()["request_id"]
     assert wait_status(bearer, request_id)["status"] == "COMPLETED"
     result = bearer.get(f"/v2/requests/{request_id}").json()
@@ -162,7 +153,7 @@ def test_403_for_another_accounts_job_status_result_and_media(srv, keys):
     result = job.wait(timeout=120, interval=0.2)
     output = httpx.URL(result["output"])
     assert "sig=" in str(output.query)  # a signed link: it works without the key ...
-    assert httpx.get(str(output), timeout=30).status_code == 200
+    assert client_for(srv, None).get(str(output)).status_code == 200
     bob = client_for(srv, keys["bob"])
     for path in (f"/v2/requests/{job.request_id}/status", f"/v2/requests/{job.request_id}", output.path):
         assert_error(bob.get(path), 403, "another account")
@@ -236,7 +227,7 @@ def test_failed_jobs_release_their_credits(srv, keys):
     assert response.status_code == 422
     after = wait_settled(srv, key)
     assert after["balance"] == before and after["reserved"] == 0
-    with SqliteAccountStore(srv.data_dir / "jobs.sqlite3") as store:
+    with accounts_of(srv.data_dir) as store:
         kinds = [e.kind for e in store.ledger() if e.job_id == job.request_id]
     assert kinds == ["reserve", "release"]
 
@@ -244,13 +235,10 @@ def test_failed_jobs_release_their_credits(srv, keys):
 def test_200_concurrent_submits_with_credits_for_50(srv, keys):
     key = keys["burst"]
 
-    async def burst() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-        async with httpx.AsyncClient(base_url=srv.url, timeout=120, limits=limits,
-                                     headers={"x-api-key": key}) as http:
-            return await asyncio.gather(*(http.post(f"/v2/{SLUG}", json={**TINY, "seed": i}) for i in range(200)))
+    async def burst(http: httpx.AsyncClient) -> list[httpx.Response]:
+        return await asyncio.gather(*(http.post(f"/v2/{SLUG}", json={**TINY, "seed": i}) for i in range(200)))
 
-    responses = asyncio.run(burst())
+    responses = srv.gather(burst, headers={"x-api-key": key})
     accepted = [r.json()["request_id"] for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code != 200]
     assert len(accepted) == 50
@@ -260,7 +248,7 @@ def test_200_concurrent_submits_with_credits_for_50(srv, keys):
         assert wait_status(http, request_id, timeout=300)["status"] == "COMPLETED"
     account = wait_settled(srv, key)
     assert (account["balance"], account["reserved"], account["available"]) == (0, 0, 0)
-    with SqliteAccountStore(srv.data_dir / "jobs.sqlite3") as store:
+    with accounts_of(srv.data_dir) as store:
         account_id = store.find_account("burst").id
         ledger = store.ledger(account_id)
     assert sorted(e.kind for e in ledger) == ["charge"] * 50 + ["credit"] + ["reserve"] * 50
@@ -276,14 +264,13 @@ def test_idempotent_concurrent_submits_make_one_job_and_one_charge(srv, keys):
     key = keys["retrier"]
     before = account_of(srv, key)["balance"]
 
-    async def retries() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=srv.url, timeout=60, headers={"x-api-key": key}) as http:
-            return await asyncio.gather(*(
-                http.post(f"/v2/{SLUG}", json={**TINY, "seed": 99}, headers={"Idempotency-Key": "order-17"})
-                for _ in range(6)
-            ))
+    async def retries(http: httpx.AsyncClient) -> list[httpx.Response]:
+        return await asyncio.gather(*(
+            http.post(f"/v2/{SLUG}", json={**TINY, "seed": 99}, headers={"Idempotency-Key": "order-17"})
+            for _ in range(6)
+        ))
 
-    responses = asyncio.run(retries())
+    responses = srv.gather(retries, headers={"x-api-key": key})
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     ids = {r.json()["request_id"] for r in responses}
     assert len(ids) == 1
@@ -291,7 +278,7 @@ def test_idempotent_concurrent_submits_make_one_job_and_one_charge(srv, keys):
     assert wait_status(client_for(srv, key), request_id)["status"] == "COMPLETED"
     after = wait_settled(srv, key)
     assert after["balance"] == before - 1 and after["reserved"] == 0
-    with SqliteAccountStore(srv.data_dir / "jobs.sqlite3") as store:
+    with accounts_of(srv.data_dir) as store:
         account_id = store.find_account("retrier").id
         charges = [e for e in store.ledger(account_id) if e.kind == "charge"]
     assert [e.job_id for e in charges] == [request_id]
@@ -309,89 +296,91 @@ def test_cancelled_jobs_are_not_charged(srv, keys):
 
 
 def test_keys_are_never_in_clear_in_the_database_or_the_log(srv, data_dir):
-    """Last in this module: every key above has been used against the server by now."""
+    """Last in this module: every key above has been used against the app by now. The log is
+    everything the process logged while the app ran (messages, extra fields and tracebacks)."""
     assert len(ISSUED) >= 8
-    files = [srv.log_path, *data_dir.glob("jobs.sqlite3*")]
-    assert srv.log() and len(files) >= 2
-    listing = subprocess.run([sys.executable, "-m", "fluxserve", "keys", "list", "--data-dir", str(data_dir)],
-                             capture_output=True, text=True, timeout=120)
-    assert listing.returncode == 0 and "alice" in listing.stdout
+    log = srv.log()
+    files = list(data_dir.glob("jobs.sqlite3*"))
+    assert log and files
+    listing = keys_cli("list", "--data-dir", str(data_dir))
+    assert listing.exit_code == 0 and "alice" in listing.stdout
     for key in ISSUED:
         secret = key.split("_", 2)[2]
         assert secret not in listing.stdout
+        assert key not in log and secret not in log
         for path in files:
             raw = path.read_bytes()
             assert key.encode() not in raw and secret.encode() not in raw, path
 
 
-# -- servers of their own ---------------------------------------------------------------------
+# -- apps and CLI runs of their own ------------------------------------------------------------
+
+
+@pytest.fixture()
+def no_fluxserve_env(monkeypatch):
+    """The CLI sees no FLUXSERVE_* settings but those a test gives it."""
+    for name in list(os.environ):
+        if name.startswith("FLUXSERVE_"):
+            monkeypatch.delenv(name)
+
+
+def keys_cli(*args: str):
+    """`fluxserve keys ...`, run through the CLI's own entry point (in this process)."""
+    return fluxserve_cli_run("keys", *args)
+
+
+def fluxserve_cli_run(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(fluxserve_cli, list(args), env=env, catch_exceptions=False)
 
 
 def test_502_when_the_engine_is_unavailable_and_keys_turn_on_live(tmp_path, tiny_model):
-    srv = ServerProcess(tmp_path / "data", env={"FLUXSERVE_MODEL": str(tiny_model),
-                                                "FLUXSERVE_FAULTS": "load_error=the GPU is gone"}).start(wait_ready=False)
-    try:
+    with running_app(tmp_path / "data", engine_loader=failing_loader("the GPU is gone"), model=str(tiny_model),
+                     wait_ready=False) as srv:
         deadline = time.monotonic() + 120
-        while engine_state(srv) != "failed":
+        while srv.engine_state() != "failed":
             assert time.monotonic() < deadline
-            time.sleep(0.2)
+            time.sleep(0.05)
+        anonymous = client_for(srv, None)
         # A fresh loopback server with no keys is open.
-        assert_error(httpx.post(f"{srv.url}/v2/{SLUG}", json=TINY, timeout=30), 502, "the GPU is gone")
+        assert_error(anonymous.post(f"/v2/{SLUG}", json=TINY), 502, "the GPU is gone")
         assert_sdk_error(lambda: sdk(srv, None).run_sync(SLUG, **TINY), 502, "not available")
-        assert_error(httpx.get(f"{srv.url}/v1/account", timeout=30), 404, "not metered")
+        assert_error(anonymous.get("/v1/account"), 404, "not metered")
         # The first key created (while it runs) turns keys on.
         key = make_key(srv.data_dir, "first")
-        assert_error(httpx.post(f"{srv.url}/v2/{SLUG}", json=TINY, timeout=30), 401, "Missing API key")
+        assert_error(anonymous.post(f"/v2/{SLUG}", json=TINY), 401, "Missing API key")
         assert_sdk_error(lambda: sdk(srv, key).run_sync(SLUG, **TINY), 502, "the GPU is gone")
         assert account_of(srv, key)["balance"] == 10  # nothing was reserved
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize("auth", [None, "required"])
-def test_refuses_to_start_on_all_interfaces_without_a_key(tmp_path, auth):
+def test_refuses_to_start_on_all_interfaces_without_a_key(tmp_path, auth, no_fluxserve_env):
     port = free_port()
     args = ["serve", "--host", "0.0.0.0", "--port", str(port), "--data-dir", str(tmp_path)]
-    run = subprocess.run([sys.executable, "-m", "fluxserve", *args, *(["--auth", auth] if auth else [])],
-                         capture_output=True, text=True, timeout=120, env={**_env(), "FLUXSERVE_MODEL": "x"})
-    assert run.returncode == 2
+    run = fluxserve_cli_run(*args, *(["--auth", auth] if auth else []), env={"FLUXSERVE_MODEL": "x"})
+    assert run.exit_code == 2
     assert "Refusing to start" in run.stderr and "keys create" in run.stderr and "--auth off" in run.stderr
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
-def test_keys_cli_create_list_top_up_revoke(tmp_path):
-    def keys(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "fluxserve", "keys", *args, "--data-dir", str(tmp_path)],
-                              capture_output=True, text=True, timeout=120, env=_env())
+def test_keys_cli_create_list_top_up_revoke(tmp_path, no_fluxserve_env):
+    def keys(*args: str):
+        return keys_cli(*args, "--data-dir", str(tmp_path))
 
     created = keys("create", "--name", "team", "--credits", "12.5", "--rate", "5/min", "--concurrency", "2",
                    "--models", f"{SLUG},other")
-    assert created.returncode == 0, created.stderr
+    assert created.exit_code == 0, created.stderr
     key = created.stdout.strip().splitlines()[-1]
     ISSUED.append(key)
     assert key.startswith("fsk_") and "12.5 credits" in created.stdout and "5 requests/min" in created.stdout
-    assert keys("create", "--name", "team", "--credits", "1").returncode != 0  # exists: use top-up
-    assert keys("top-up", "team", "--credits", "7.5").returncode == 0
+    assert keys("create", "--name", "team", "--credits", "1").exit_code != 0  # exists: use top-up
+    assert keys("top-up", "team", "--credits", "7.5").exit_code == 0
     assert "balance 20 credits" in keys("list").stdout
     key_id = key.split("_")[1]
-    assert keys("revoke", key_id).returncode == 0
+    assert keys("revoke", key_id).exit_code == 0
     listed = keys("list").stdout
     assert f"key {key_id}" in listed and "REVOKED" in listed and key.split("_", 2)[2] not in listed
-    with SqliteAccountStore(tmp_path / "jobs.sqlite3") as store:
+    with accounts_of(tmp_path) as store:
         assert [e.kind for e in store.ledger()] == ["credit", "credit"]
     raw = b"".join(path.read_bytes() for path in tmp_path.glob("jobs.sqlite3*"))
     assert key.split("_", 2)[2].encode() not in raw
-
-
-def engine_state(srv) -> str | None:
-    try:
-        return httpx.get(f"{srv.url}/health", timeout=10).json()["engine"]
-    except httpx.HTTPError:  # not listening yet
-        return None
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {name: value for name, value in os.environ.items() if not name.startswith("FLUXSERVE_")}

@@ -6,25 +6,41 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from fluxserve.accounts import NotEnoughCredits, TooManyInFlight
-from fluxserve.accounts.access import Access, is_loopback
 from fluxserve.accounts.keys import KeyRejected
 from fluxserve.accounts.money import price, to_credits, to_micros
-from fluxserve.accounts.settlement import settle_job, settle_open
 from fluxserve.accounts.sqlite import SqliteAccountStore
-from fluxserve.config import Settings
-from fluxserve.jobs import Job, new_job_id
+from fluxserve.app.access import Access, is_loopback
+from fluxserve.app.billing import Billing
+from fluxserve.config import AccountSettings, Settings
+from fluxserve.contract import GenerateRequest
+from fluxserve.jobs import Job, JobResult, new_job_id
+from fluxserve.jobs.policy import LeasePolicy
 from fluxserve.jobs.sqlite import SqliteJobStore
+
+from support.accounts import create_key
 
 CREDIT = to_micros(1)
 
 
-def open_access(data_dir: Path, **settings) -> Access:
-    return Access.open(Settings(data_dir=data_dir, **settings))
+PARAMS = GenerateRequest(positivePrompt="a cat")
+RESULT = JobResult(output_key="k.jpg", media_type="image/jpeg")
+
+
+@contextmanager
+def open_access(data_dir: Path, **flat) -> Iterator[Access]:
+    settings = Settings(data_dir=data_dir, **flat)
+    store = SqliteAccountStore(settings.sqlite_path)
+    try:
+        yield Access(settings.accounts, store, host=settings.host, data_dir=settings.data_dir)
+    finally:
+        store.close()
 
 
 @pytest.fixture()
@@ -159,17 +175,18 @@ def test_sweep_settles_jobs_the_worker_never_settled(tmp_path):
     for job_id in (done, failed, queued, orphan):
         accounts.reserve(job_id, account.id, "k1", CREDIT)
     for job_id in (done, failed, queued):
-        jobs.submit(Job(id=job_id, slug="m", params={}, owner=account.id))
-    job, lease = jobs.claim("w")
-    jobs.complete(lease, {"metrics": {}})
-    job, lease = jobs.claim("w")
+        jobs.submit(Job(id=job_id, slug="m", params=PARAMS, owner=account.id))
+    _, lease = jobs.claim("w")
+    jobs.complete(lease, RESULT)
+    _, lease = jobs.claim("w")
     jobs.fail(lease, "boom")
+    billing = Billing(accounts, jobs, AccountSettings())
 
-    assert settle_open(accounts, jobs, orphan_after_seconds=3600) == 2
-    assert settle_open(accounts, jobs, orphan_after_seconds=3600) == 0
+    assert billing.settle_open(orphan_after_seconds=3600) == 2
+    assert billing.settle_open(orphan_after_seconds=3600) == 0
     assert {r.job_id for r in accounts.open_reservations()} == {queued, orphan}
     # The reservation whose job never reached the store is released once it is old enough.
-    assert settle_open(accounts, jobs, orphan_after_seconds=0) == 1
+    assert billing.settle_open(orphan_after_seconds=0) == 1
     assert accounts.get_reservation(orphan).state == "released"
     assert accounts.get_reservation(done).state == "charged"
     assert accounts.get_reservation(failed).state == "released"
@@ -183,19 +200,20 @@ def test_sweep_settles_jobs_the_worker_never_settled(tmp_path):
 def test_a_retried_job_is_charged_once(tmp_path):
     """Attempt 1's lease lapses mid-run, attempt 2 completes; the stale worker's transitions fail,
     and however many settle calls follow (worker, v1 waiter, sweep), one charge is made."""
-    jobs = SqliteJobStore(tmp_path / "jobs.sqlite3", lease_seconds=0.05)
+    jobs = SqliteJobStore(tmp_path / "jobs.sqlite3", LeasePolicy(lease_seconds=0.05))
     accounts = SqliteAccountStore(tmp_path / "jobs.sqlite3")
     account = new_account(accounts, credits=1)
     accounts.add_key("k1", account.id, "digest")
     job_id = new_job_id()
     accounts.reserve(job_id, account.id, "k1", CREDIT)
-    jobs.submit(Job(id=job_id, slug="m", params={}, owner=account.id))
+    jobs.submit(Job(id=job_id, slug="m", params=PARAMS, owner=account.id))
     _, stale = jobs.claim("w1")
     time.sleep(0.1)
     _, lease = jobs.claim("w2")
-    assert jobs.complete(lease, {"metrics": {}}) and not jobs.complete(stale, {"metrics": {}})
-    assert [settle_job(accounts, jobs.get(job_id)) for _ in range(3)] == [True, False, False]
-    assert settle_open(accounts, jobs) == 0
+    assert jobs.complete(lease, RESULT) and not jobs.complete(stale, RESULT)
+    billing = Billing(accounts, jobs, AccountSettings())
+    assert [billing.settle(jobs.get(job_id)) for _ in range(3)] == [True, False, False]
+    assert billing.settle_open() == 0
     assert (accounts.get_account(account.id).balance, jobs.get(job_id).attempts) == (0, 2)
     assert [e.kind for e in accounts.ledger(account.id)] == ["credit", "reserve", "charge"]
     jobs.close()
@@ -203,24 +221,21 @@ def test_a_retried_job_is_charged_once(tmp_path):
 
 
 def test_keys_are_digests_under_the_server_secret(tmp_path):
-    access = open_access(tmp_path)
-    account = new_account(access.store)
-    record, key = access.keyring.issue(account.id)
-    assert key.startswith(f"fsk_{record.id}_") and key not in record.digest
-    assert access.keyring.authenticate(key) == (account, record)
-    for wrong in ("", "fsk_", key[:-1] + ("A" if key[-1] != "A" else "B"), f"fsk_nope_{key.split('_', 2)[2]}"):
-        with pytest.raises(KeyRejected, match="Invalid API key"):
-            access.keyring.authenticate(wrong)
-    assert access.store.revoke_key(record.id)
-    with pytest.raises(KeyRejected, match="revoked"):
-        access.keyring.authenticate(key)
-    access.close()
+    with open_access(tmp_path) as access:
+        account = new_account(access.store)
+        record, key = access.keyring.issue(account.id)
+        assert key.startswith(f"fsk_{record.id}_") and key not in record.digest
+        assert access.keyring.authenticate(key) == (account, record)
+        for wrong in ("", "fsk_", key[:-1] + ("A" if key[-1] != "A" else "B"), f"fsk_nope_{key.split('_', 2)[2]}"):
+            with pytest.raises(KeyRejected, match="Invalid API key"):
+                access.keyring.authenticate(wrong)
+        assert access.store.revoke_key(record.id)
+        with pytest.raises(KeyRejected, match="revoked"):
+            access.keyring.authenticate(key)
     # The secret lives in the data dir (owner-only); another secret makes every key invalid.
     assert (tmp_path / "auth-secret").stat().st_mode & 0o077 == 0
-    other = open_access(tmp_path, auth_secret="x" * 40)
-    with pytest.raises(KeyRejected):
+    with open_access(tmp_path, auth_secret="x" * 40) as other, pytest.raises(KeyRejected):
         other.keyring.authenticate(key)
-    other.close()
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("jobs.sqlite3*"))
     assert key.encode() not in raw and key.split("_", 2)[2].encode() not in raw
 
@@ -243,12 +258,11 @@ def test_keys_are_digests_under_the_server_secret(tmp_path):
     ],
 )
 def test_auth_mode(tmp_path, host, auth, keys, enforced, refused):
-    access = open_access(tmp_path, host=host, auth=auth)
     if keys:
-        access.keyring.issue(new_account(access.store).id)
-    assert access.enforced() is enforced
-    assert (access.refusal() is not None) is refused
-    access.close()
+        create_key(tmp_path, "alice")
+    with open_access(tmp_path, host=host, auth=auth) as access:
+        assert access.enforced() is enforced
+        assert (access.refusal() is not None) is refused
 
 
 def test_loopback_detection():
@@ -257,8 +271,10 @@ def test_loopback_detection():
 
 
 def test_price_depends_on_size_and_steps():
-    params = {"width": 1000, "height": 1000, "steps": 10}
-    assert price(params, per_image=0, per_megapixel_step=0) == 0
-    assert price(params, per_image=0.5, per_megapixel_step=0) == to_micros(0.5)
-    assert price(params, per_image=0.5, per_megapixel_step=0.01) == to_micros(0.6)
+    size = (1000, 1000, 10)  # width, height, steps
+    assert price(*size, per_image=0, per_megapixel_step=0) == 0
+    assert price(*size, per_image=0.5, per_megapixel_step=0) == to_micros(0.5)
+    assert price(*size, per_image=0.5, per_megapixel_step=0.01) == to_micros(0.6)
+    billing = Billing(None, None, AccountSettings(price_per_image=0.5, price_per_megapixel_step=0.01))
+    assert billing.price(GenerateRequest(positivePrompt="a cat", width=1000, height=1000, steps=10)) == to_micros(0.6)
     assert to_credits(to_micros("0.1") * 3) == 0.3

@@ -1,4 +1,5 @@
-"""bench/speed.py runs end to end on CPU with the tiny model (`--smoke`)."""
+"""The benchmarks run end to end on CPU: bench/speed.py on the tiny model (`--smoke`), bench/load.py on
+the fake engine."""
 
 from __future__ import annotations
 
@@ -32,3 +33,18 @@ def test_speed_bench_smoke(tmp_path):
     http = result["http"]
     assert http["metrics"]["speed_preset"] == http["preset"] == "balanced"
     assert http["http_s"] > 0 and http["engine_s"] > 0
+
+
+def test_load_bench_smoke():
+    """bench/load.py on the fake engine, SQLite only, a few seconds: every accepted job completes."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "load.py"), "--clients", "2", "--seconds", "3", "--backends", "sqlite"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=180,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| backend | submits |"))
+    columns = [cell.strip() for cell in lines[header].strip("|").split("|")]
+    row = dict(zip(columns, (cell.strip() for cell in lines[header + 2].strip("|").split("|")), strict=True))
+    assert row["backend"] == "sqlite" and int(row["submits"]) > 0
+    assert int(row["completed"]) == int(row["submits"]) and row["lost"] == "0"

@@ -1,4 +1,5 @@
-"""The package's Python client and `fluxserve generate --server` against the shared real server."""
+"""The package's Python client and `fluxserve generate --server` (a subprocess) against the real app,
+in-process and listening on a loopback port."""
 
 from __future__ import annotations
 
@@ -10,8 +11,22 @@ import uuid
 import pytest
 from PIL import Image
 
-from conftest import SLUG
 from fluxserve.client import Client, InferenceFailed, Progress
+
+from support.app import SLUG, running_app, serve_on_loopback, shared_engine
+
+
+class Served:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    """Clients that need a URL (the CLI runs in its own process) reach the app on a real port."""
+    with running_app(tmp_path_factory.mktemp("client"), engine=shared_engine(tiny_model),
+                     model=str(tiny_model)) as app, serve_on_loopback(app) as url:
+        yield Served(url)
 
 
 def test_run_reports_progress_and_returns_the_result(server):

@@ -6,7 +6,8 @@ import time
 
 import httpx
 
-from conftest import SLUG, ServerProcess, wait_status
+from conftest import SLUG, wait_status
+from support.processes import ServerProcess
 
 
 def test_sigkill_mid_queue_then_restart_completes_every_job(tmp_path, tiny_model):

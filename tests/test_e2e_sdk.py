@@ -105,7 +105,7 @@ def test_v1_base64_answer(http):
 
 
 def test_same_request_same_bytes_and_seeds_differ(client):
-    params = dict(positivePrompt="a red bicycle", width=256, height=256, steps=4, outputFormat="PNG")
+    params = {"positivePrompt": "a red bicycle", "width": 256, "height": 256, "steps": 4, "outputFormat": "PNG"}
     first = client.run_sync(SLUG, seed=42, **params).content
     again = client.run_sync(SLUG, seed=42, **params).content
     other = client.run_sync(SLUG, seed=43, **params).content
@@ -115,7 +115,7 @@ def test_same_request_same_bytes_and_seeds_differ(client):
 
 
 def test_random_seed_is_reported_and_reproducible(client):
-    params = dict(positivePrompt="a quiet harbour", width=128, height=128, steps=2, outputFormat="PNG")
+    params = {"positivePrompt": "a quiet harbour", "width": 128, "height": 128, "steps": 2, "outputFormat": "PNG"}
     first = client.submit_async(SLUG, seed=-1, **params).wait(timeout=60, interval=0.1)
     second = client.submit_async(SLUG, seed=-1, **params).wait(timeout=60, interval=0.1)
     seed = first["seed"]

@@ -10,10 +10,11 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from conftest import SLUG
 from fluxserve.config import Settings
 from fluxserve.engine import Engine, GenerationParams, load_engine
 from fluxserve.engine.loading import ModelLoadError, ModelSource
+
+from conftest import SLUG
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,8 @@ def test_odd_size_is_center_crop_of_padded_reference(engine, reference):
 
 def test_progress_callback_sees_every_step(engine):
     seen = []
-    engine.generate(GenerationParams("p", 128, 128, steps=5, seed=1, guidance=1), on_step=lambda s, t: seen.append((s, t)))
+    params = GenerationParams("p", 128, 128, steps=5, seed=1, guidance=1)
+    engine.generate(params, on_step=lambda s, t: seen.append((s, t)))
     assert seen == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
 
 
@@ -85,10 +87,11 @@ def test_single_file_transformer_on_top_of_base_folder(tmp_path, tiny_model, eng
 
 def test_model_source_kinds(tmp_path, tiny_model):
     assert ModelSource.parse(str(tiny_model), "base").kind == "folder"
-    assert ModelSource.parse("black-forest-labs/FLUX.1-dev", "base") == ModelSource("repo", "black-forest-labs/FLUX.1-dev")
+    repo = "black-forest-labs/FLUX.1-dev"
+    assert ModelSource.parse(repo, "base") == ModelSource("repo", repo)
     with pytest.raises(ModelLoadError, match="not found"):
         ModelSource.parse(str(tmp_path / "missing.safetensors"), "base")
-    with pytest.raises(ModelLoadError, match="model_index.json"):
+    with pytest.raises(ModelLoadError, match=r"model_index\.json"):
         ModelSource.parse(str(tmp_path), "base")
 
 

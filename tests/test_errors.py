@@ -7,9 +7,24 @@ import time
 import httpx
 import pytest
 
-from conftest import SLUG, ServerProcess, wait_status
+from support.app import SLUG, running_app, shared_engine, wait_status
+from support.faults import FaultyEngine
 
 VALID = {"positivePrompt": "a cat", "width": 128, "height": 128, "steps": 1}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model):
+    """The real app in-process on the tiny model; the engine fails for prompts containing `__explode__`."""
+    engine = FaultyEngine(shared_engine(tiny_model), error_on="__explode__")
+    with running_app(tmp_path_factory.mktemp("errors"), engine=engine, model=str(tiny_model)) as app:
+        yield app
+
+
+@pytest.fixture()
+def http(app):
+    with app.http() as client:
+        yield client
 
 BAD_FIELDS = [
     # (field, value, word expected in the error)
@@ -114,31 +129,25 @@ def test_openapi_docs(http):
 
 
 def test_expired_job_is_404_everywhere(tmp_path):
-    """Short retention; no model configured, so this also shows the demo default (`make run`) working."""
-    srv = ServerProcess(
-        tmp_path / "data",
-        env={"FLUXSERVE_RETENTION_SECONDS": "2", "FLUXSERVE_JANITOR_INTERVAL_SECONDS": "0.5",
-             "FLUXSERVE_MODEL": ""},
-    ).start()
-    try:
-        with httpx.Client(base_url=srv.url, timeout=30) as http:
-            health = http.get("/health").json()
-            assert health["demo"] is True and "RANDOM-WEIGHT" in health["warning"]
-            assert "RANDOM-WEIGHT" in srv.log()
-            request_id = http.post(f"/v2/{SLUG}", json=VALID).json()["request_id"]
-            assert wait_status(http, request_id)["status"] == "COMPLETED"
-            result = http.get(f"/v2/requests/{request_id}").json()
-            media_path = httpx.URL(result["output"]).path
-            assert http.get(media_path).status_code == 200
-            time.sleep(2.5)
-            for path in (f"/v2/requests/{request_id}/status", f"/v2/requests/{request_id}", media_path):
-                response = http.get(path)
-                assert response.status_code == 404, path
-                assert "error" in response.json()
-            # The janitor deletes the file itself, not only the record.
-            deadline = time.monotonic() + 10
-            while list((tmp_path / "data" / "outputs").glob(f"{request_id}.*")) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert not list((tmp_path / "data" / "outputs").glob(f"{request_id}.*"))
-    finally:
-        srv.stop()
+    """Short retention; no model configured, so this also shows the demo default (`make run`) working:
+    the app's own engine loader builds the tiny random-weight model under the data dir and serves it."""
+    data = tmp_path / "data"
+    with running_app(data, model="", retention_seconds=1.5, janitor_interval_seconds=0.3) as srv, srv.http() as http:
+        health = http.get("/health").json()
+        assert health["demo"] is True and "RANDOM-WEIGHT" in health["warning"]
+        assert "RANDOM-WEIGHT" in srv.log()
+        request_id = http.post(f"/v2/{SLUG}", json=VALID).json()["request_id"]
+        assert wait_status(http, request_id)["status"] == "COMPLETED"
+        result = http.get(f"/v2/requests/{request_id}").json()
+        media_path = httpx.URL(result["output"]).path
+        assert http.get(media_path).status_code == 200
+        time.sleep(2)
+        for path in (f"/v2/requests/{request_id}/status", f"/v2/requests/{request_id}", media_path):
+            response = http.get(path)
+            assert response.status_code == 404, path
+            assert "error" in response.json()
+        # The janitor deletes the file itself, not only the record.
+        deadline = time.monotonic() + 10
+        while list((data / "outputs").glob(f"{request_id}.*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not list((data / "outputs").glob(f"{request_id}.*"))

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SLUG, wait_status
-from fluxserve.fleet import FluxserveProcess, RedisServer, api_replica, free_port, worker
+from support.processes import FluxserveProcess, RedisServer, api_replica, free_port, worker
 
 LEASE_SECONDS = "2"
 SMALL = {"width": 128, "height": 128, "steps": 2}

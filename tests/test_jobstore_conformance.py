@@ -35,7 +35,7 @@ def make_store(request, tmp_path):
     prefix = f"test-{uuid.uuid4().hex[:12]}"  # Redis: a fresh key space per test
 
     def make(**overrides):
-        policy = LeasePolicy(**(dict(lease_seconds=LEASE, max_attempts=2, retention_seconds=30.0) | overrides))
+        policy = LeasePolicy(**({"lease_seconds": LEASE, "max_attempts": 2, "retention_seconds": 30.0} | overrides))
         if request.param == "sqlite":
             store = SqliteJobStore(tmp_path / "jobs.sqlite3", policy)
         elif request.param == "redis":
@@ -63,6 +63,10 @@ def request(n: int = 1) -> GenerateRequest:
 
 def result(key: str = "k") -> JobResult:
     return JobResult(output_key=key, media_type="image/png", metrics={"n": 1})
+
+
+def new_job(n: int = 1) -> Job:
+    return Job(id=new_job_id(), slug="m", params=request(n))
 
 
 def submit(store, slug="m", i: int = 1) -> Job:
@@ -292,8 +296,8 @@ def test_idempotent_submit_returns_the_first_job(store):
 
 
 def test_idempotency_keys_are_scoped_to_the_owner(store):
-    mine = store.submit(Job(id=new_job_id(), slug="m", params=request()), idempotency=IdempotencyKey("k", "f", "acct-1"))
-    theirs = store.submit(Job(id=new_job_id(), slug="m", params=request()), idempotency=IdempotencyKey("k", "f", "acct-2"))
+    mine = store.submit(new_job(), idempotency=IdempotencyKey("k", "f", "acct-1"))
+    theirs = store.submit(new_job(), idempotency=IdempotencyKey("k", "f", "acct-2"))
     assert mine.id != theirs.id
 
 
@@ -315,7 +319,7 @@ def test_concurrent_idempotent_submits_create_one_job(make_store):
 
     def go(handle):
         barrier.wait()
-        ids.append(handle.submit(Job(id=new_job_id(), slug="m", params=request()), idempotency=IdempotencyKey("k", "f")).id)
+        ids.append(handle.submit(new_job(), idempotency=IdempotencyKey("k", "f")).id)
 
     threads = [threading.Thread(target=go, args=(s,)) for s in stores]
     for thread in threads:
@@ -342,7 +346,7 @@ def test_finished_delivery_is_due_once_the_job_ends(store):
     _, lease = store.claim("w")
     assert store.outbox().claim_delivery("d") is None  # PROCESSING: not yet
     store.fail(lease, "boom")
-    claimed, dlease = store.outbox().claim_delivery("d")
+    claimed, _ = store.outbox().claim_delivery("d")
     assert (claimed.id, claimed.job_id, claimed.url, claimed.state) == (delivery.id, job.id, delivery.url, "pending")
     assert store.outbox().claim_delivery("d2") is None  # leased
 

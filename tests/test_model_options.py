@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import SLUG, ServerProcess
 from fluxserve.config import Settings
 from fluxserve.engine import GenerationParams, load_engine
 from fluxserve.engine.errors import OutOfMemory
 from fluxserve.engine.loading import ModelLoadError
 from fluxserve.engine.lora import LoraSpec, parse_loras
+
+from support.app import SLUG, running_app
 
 PARAMS = GenerationParams("a stone bridge", 64, 64, steps=3, seed=5, guidance=3.5)
 
@@ -29,8 +29,13 @@ def engine_with(tiny_model, **settings):
 
 
 @pytest.fixture(scope="module")
-def base_image(tiny_model) -> np.ndarray:
-    return image(engine_with(tiny_model))
+def plain_engine(tiny_model):
+    return engine_with(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def base_image(plain_engine) -> np.ndarray:
+    return image(plain_engine)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +73,7 @@ def test_lora_changes_the_image_and_scale_zero_is_the_base(tiny_model, tiny_lora
 
 
 def test_a_lora_that_does_not_load_is_a_clear_error(tiny_model, tmp_path):
-    with pytest.raises(ModelLoadError, match="Could not load LoRA .*missing.safetensors"):
+    with pytest.raises(ModelLoadError, match=r"Could not load LoRA .*missing.safetensors"):
         engine_with(tiny_model, loras=str(tmp_path / "missing.safetensors"))
 
 
@@ -106,33 +111,27 @@ def test_bfloat16_on_cpu(tiny_model):
     assert image(engine).std() > 5
 
 
-def test_out_of_memory_is_a_clear_failure_and_the_engine_recovers(tiny_model, base_image):
-    engine = engine_with(tiny_model)
+def test_out_of_memory_is_a_clear_failure_and_the_engine_recovers(plain_engine, base_image):
+    engine = plain_engine
 
     def run_out_of_memory(step, total):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    with pytest.raises(OutOfMemory, match="out of GPU memory at 64x64.*MEMORY_MODE"):
+    with pytest.raises(OutOfMemory, match=r"out of GPU memory at 64x64.*MEMORY_MODE"):
         engine.generate(PARAMS, on_step=run_out_of_memory)
     assert np.array_equal(image(engine), base_image)
 
 
 def test_a_model_that_fails_to_load_is_a_clear_start_up_error(tmp_path, tiny_model):
-    srv = ServerProcess(tmp_path / "data", env={"FLUXSERVE_MODEL": str(tiny_model),
-                                                "FLUXSERVE_LORAS": str(tmp_path / "missing.safetensors")})
-    srv.start(wait_ready=False)
-    try:
+    """The app with the package's own engine loader: the failure is on /health, in 502s and in the log."""
+    with running_app(tmp_path / "data", model=str(tiny_model), loras=str(tmp_path / "missing.safetensors"),
+                     wait_ready=False) as srv, srv.http() as http:
         deadline = time.monotonic() + 120
         health = {}
         while health.get("engine") != "failed" and time.monotonic() < deadline:
-            try:
-                health = httpx.get(f"{srv.url}/health", timeout=5).json()
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+            health = http.get("/health").json()
+            time.sleep(0.05)
         assert health["engine"] == "failed" and "Could not load LoRA" in health["engine_error"]
-        response = httpx.post(f"{srv.url}/v2/{SLUG}", json={"positivePrompt": "a cat"}, timeout=10)
+        response = http.post(f"/v2/{SLUG}", json={"positivePrompt": "a cat"})
         assert response.status_code == 502 and "Could not load LoRA" in response.json()["error"]
         assert "Could not load LoRA" in srv.log()
-    finally:
-        srv.stop()

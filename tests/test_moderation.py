@@ -1,15 +1,15 @@
-"""Content moderation: the prompt policy and the image check, unit and over real HTTP."""
+"""Content moderation: the prompt policy and the image check, unit and over HTTP on the real app in-process."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 import torch
-from segmind import SegmindClient
 from segmind.v2 import InferenceFailed
 
-from conftest import SLUG, ServerProcess, wait_status
 from fluxserve.moderation import BlocklistError, PromptPolicy
+
+from support.app import SLUG, running_app, shared_engine, wait_status
 
 BLOCKED = "a gory battlefield, soldiers dismembered"  # the built-in graphic_violence category
 SMALL = {"width": 128, "height": 128, "steps": 2}
@@ -50,6 +50,20 @@ def test_blocklist_file_format(tmp_path):
         PromptPolicy.from_file(path)
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    """The app with the built-in moderation policy, on the tiny model."""
+    with running_app(tmp_path_factory.mktemp("moderation"), engine=shared_engine(tiny_model),
+                     model=str(tiny_model)) as app:
+        yield app
+
+
+@pytest.fixture()
+def http(server):
+    with server.http() as client:
+        yield client
+
+
 def test_blocked_prompt_fails_with_422_everywhere(server, http):
     request_id = http.post(f"/v2/{SLUG}", json={"positivePrompt": BLOCKED, **SMALL}).json()["request_id"]
     assert wait_status(http, request_id)["status"] == "FAILED"
@@ -68,7 +82,7 @@ def test_blocked_prompt_fails_with_422_everywhere(server, http):
 
 
 def test_sdk_raises_inference_failed_for_a_blocked_prompt(server):
-    client = SegmindClient(base_url=f"{server.url}/v1", timeout=60)
+    client = server.sdk()
     job = client.submit_async(SLUG, positivePrompt=BLOCKED, **SMALL)
     with pytest.raises(InferenceFailed) as excinfo:
         job.wait(timeout=60, interval=0.1)
@@ -107,21 +121,23 @@ def save_model_that_breaks_on_tilde(path):
 
 @pytest.fixture(scope="module")
 def strict_server(tmp_path_factory):
+    """The app loading its own model (the package's loader) and moderation settings."""
     root = tmp_path_factory.mktemp("strict")
     blocklist = root / "blocklist.txt"
     blocklist.write_text("[weather]\nthunder*\n[animals]\nwalrus\n")
-    srv = ServerProcess(root / "data", env={
-        "FLUXSERVE_MODEL": str(save_model_that_breaks_on_tilde(root / "model")),
-        "FLUXSERVE_MODERATION_BLOCKLIST": str(blocklist),
-        "FLUXSERVE_MODERATION_CATEGORIES": "weather",
-        "FLUXSERVE_MODERATION_IMAGE_CLASSIFIER": save_always_nsfw_classifier(root / "classifier"),
-    }).start()
-    yield srv
-    srv.stop()
+    with running_app(
+        root / "data",
+        model=str(save_model_that_breaks_on_tilde(root / "model")),
+        moderation_blocklist=str(blocklist),
+        moderation_categories="weather",
+        moderation_image_classifier=save_always_nsfw_classifier(root / "classifier"),
+    ) as app:
+        yield app
 
 
 def run_v1(srv, prompt: str) -> httpx.Response:
-    return httpx.post(f"{srv.url}/v1/{SLUG}", json={"positivePrompt": prompt, **SMALL}, timeout=60)
+    with srv.http() as http:
+        return http.post(f"/v1/{SLUG}", json={"positivePrompt": prompt, **SMALL})
 
 
 def test_configured_blocklist_and_categories(strict_server):

@@ -9,8 +9,10 @@ import boto3
 import httpx
 import pytest
 
-from conftest import SLUG, ServerProcess, free_port, wait_status
 from fluxserve.outputs.local import LocalOutputStore
+
+from support.app import SLUG, running_app, shared_engine, wait_status
+from support.processes import free_port
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -69,25 +71,22 @@ def test_missing_key(outputs):
     assert outputs.get("never-stored.jpg") is None
 
 
-def test_media_served_as_presigned_s3_links(tmp_path, tiny_model, s3_endpoint):
+def test_media_served_as_presigned_s3_links(tmp_path, tiny_model, s3_endpoint, monkeypatch):
     """A server whose outputs live in S3 answers the media URL with a redirect to a pre-signed link."""
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
     bucket = make_bucket(s3_endpoint)
-    server = ServerProcess(tmp_path / "data", env={
-        **S3_ENV, "FLUXSERVE_MODEL": str(tiny_model), "FLUXSERVE_OUTPUT_STORE": f"s3://{bucket}/media",
-        "FLUXSERVE_S3_ENDPOINT_URL": s3_endpoint, "FLUXSERVE_S3_PRESIGN_SECONDS": "300",
-    }).start()
-    try:
-        with httpx.Client(base_url=server.url, timeout=60) as http:
-            job_id = http.post(f"/v2/{SLUG}", json={"positivePrompt": "to the bucket", "width": 128, "height": 128,
-                                                    "steps": 2, "outputFormat": "PNG"}).json()["request_id"]
-            assert wait_status(http, job_id)["status"] == "COMPLETED"
-            output = http.get(f"/v2/requests/{job_id}").json()["output"]
-            redirect = http.get(httpx.URL(output).path)
-            assert redirect.status_code == 307 and redirect.headers["location"].startswith(s3_endpoint)
-            image = httpx.get(redirect.headers["location"])
-            assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
-            stored = boto3.client("s3", endpoint_url=s3_endpoint, **_credentials()).get_object(
-                Bucket=bucket, Key=f"media/{job_id}.png")["Body"].read()
-            assert stored == image.content
-    finally:
-        server.stop()
+    with running_app(tmp_path / "data", engine=shared_engine(tiny_model), model=str(tiny_model),
+                     output_store=f"s3://{bucket}/media", s3_endpoint_url=s3_endpoint,
+                     s3_presign_seconds=300) as server, server.http() as http:
+        job_id = http.post(f"/v2/{SLUG}", json={"positivePrompt": "to the bucket", "width": 128, "height": 128,
+                                                "steps": 2, "outputFormat": "PNG"}).json()["request_id"]
+        assert wait_status(http, job_id)["status"] == "COMPLETED"
+        output = http.get(f"/v2/requests/{job_id}").json()["output"]
+        redirect = http.get(httpx.URL(output).path)
+        assert redirect.status_code == 307 and redirect.headers["location"].startswith(s3_endpoint)
+        image = httpx.get(redirect.headers["location"])
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+        stored = boto3.client("s3", endpoint_url=s3_endpoint, **_credentials()).get_object(
+            Bucket=bucket, Key=f"media/{job_id}.png")["Body"].read()
+        assert stored == image.content

@@ -1,39 +1,29 @@
 """Webhooks per account: each account's default URL and signing secret, set with `fluxserve keys webhook`,
-and a real server that signs each account's webhooks with that account's secret only."""
+and the real app (in-process) signing each account's webhooks with that account's secret only."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import subprocess
-import sys
 
-import httpx
 import pytest
 from standardwebhooks import Webhook
+from test_webhooks import Receiver
+from typer.testing import CliRunner
 
-from conftest import SLUG, ServerProcess, wait_status
-from fluxserve.accounts.access import Access
-from fluxserve.accounts.money import to_micros
 from fluxserve.accounts.sqlite import SqliteAccountStore
-from fluxserve.config import Settings
+from fluxserve.cli import app as fluxserve_cli
 from fluxserve.webhooks.signing import new_secret, secret_bytes
-from test_webhooks import Receiver, wait_for
+
+from support.accounts import accounts_of, create_key
+from support.app import SLUG, running_app, shared_engine, wait_for, wait_status
 
 TINY = {"positivePrompt": "a cat", "width": 128, "height": 128, "steps": 1}
 
 
 def make_account(data_dir, name: str, webhook_url: str | None = None) -> tuple[str, str]:
     """(API key, webhook secret) of a new account, made with the same code as `fluxserve keys create`."""
-    access = Access.open(Settings(data_dir=data_dir))
-    try:
-        account = access.store.create_account(name, credits=to_micros(10), rate_per_minute=0, max_in_flight=0,
-                                              models=None)
-        if webhook_url:
-            account = access.store.set_webhook_url(account.id, webhook_url)
-        return access.keyring.issue(account.id)[1], account.webhook_secret
-    finally:
-        access.close()
+    made = create_key(data_dir, name, webhook_url=webhook_url)
+    return made.key, made.webhook_secret
 
 
 def test_each_account_signs_with_its_own_secret(tmp_path, tiny_model):
@@ -42,15 +32,11 @@ def test_each_account_signs_with_its_own_secret(tmp_path, tiny_model):
     key_a, secret_a = make_account(data, "a", webhook_url=receiver.url("/a-default"))
     key_b, secret_b = make_account(data, "b")
     operator_secret = new_secret()
-    server = ServerProcess(data, env={
-        "FLUXSERVE_MODEL": str(tiny_model),
-        "FLUXSERVE_WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver is on loopback
-        "FLUXSERVE_WEBHOOK_SECRET": operator_secret,
-        "FLUXSERVE_WEBHOOK_POLL_SECONDS": "0.2",
-    }).start()
     try:
-        with (httpx.Client(base_url=server.url, timeout=60, headers={"x-api-key": key_a}) as as_a,
-              httpx.Client(base_url=server.url, timeout=60, headers={"x-api-key": key_b}) as as_b):
+        with (running_app(data, engine=shared_engine(tiny_model), model=str(tiny_model),
+                          webhook_allow_private=True,  # the receiver is on loopback
+                          webhook_secret=operator_secret, webhook_poll_seconds=0.2) as server,
+              server.http(key_a) as as_a, server.http(key_b) as as_b):
 
             def submit(http, **extra):
                 response = http.post(f"/v2/{SLUG}", json={**TINY, **extra})
@@ -68,7 +54,6 @@ def test_each_account_signs_with_its_own_secret(tmp_path, tiny_model):
             unhooked_result = as_b.get(f"/v2/requests/{unhooked}").json()
             server_log = server.log()
     finally:
-        server.stop()
         receiver.close()
 
     assert account_a["webhook_url"] == receiver.url("/a-default")
@@ -85,11 +70,10 @@ def test_each_account_signs_with_its_own_secret(tmp_path, tiny_model):
     assert not any(secret in server_log for secret in (secret_a, secret_b, operator_secret))
 
 
-def fluxserve_keys(data_dir, *args: str, allow_private: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FLUXSERVE_DATA_DIR": str(data_dir),
-           "FLUXSERVE_WEBHOOK_ALLOW_PRIVATE": "true" if allow_private else "false"}
-    return subprocess.run([sys.executable, "-m", "fluxserve", "keys", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+def fluxserve_keys(data_dir, *args: str, allow_private: bool = False):
+    """`fluxserve keys ...`, run through the CLI's own entry point (in this process)."""
+    env = {"FLUXSERVE_DATA_DIR": str(data_dir), "FLUXSERVE_WEBHOOK_ALLOW_PRIVATE": "true" if allow_private else "false"}
+    return CliRunner().invoke(fluxserve_cli, ["keys", *args], env=env, catch_exceptions=False)
 
 
 def secret_in(output: str) -> str:
@@ -100,22 +84,22 @@ def secret_in(output: str) -> str:
 
 def test_keys_webhook_command(tmp_path):
     created = fluxserve_keys(tmp_path, "create", "--name", "alice")
-    assert created.returncode == 0, created.stderr
+    assert created.exit_code == 0, created.stderr
     first_secret = secret_in(created.stdout)
 
     refused = fluxserve_keys(tmp_path, "webhook", "alice", "--url", "http://127.0.0.1:9/hook")
-    assert refused.returncode != 0 and "loopback" in refused.stderr
+    assert refused.exit_code != 0 and "loopback" in refused.stderr
 
     changed = fluxserve_keys(tmp_path, "webhook", "alice", "--url", "http://127.0.0.1:9/hook", "--rotate-secret",
                              allow_private=True)
-    assert changed.returncode == 0, changed.stderr
+    assert changed.exit_code == 0, changed.stderr
     assert "http://127.0.0.1:9/hook" in changed.stdout
     new_secret_shown = secret_in(changed.stdout)
     assert new_secret_shown != first_secret
 
     cleared = fluxserve_keys(tmp_path, "webhook", "alice", "--clear-url")
-    assert cleared.returncode == 0, cleared.stderr
-    with SqliteAccountStore(tmp_path / "jobs.sqlite3") as store:
+    assert cleared.exit_code == 0, cleared.stderr
+    with accounts_of(tmp_path) as store:
         alice = store.find_account("alice")
     assert alice.webhook_url is None and alice.webhook_secret == new_secret_shown
     assert new_secret_shown not in repr(alice)  # accounts may be logged; their secrets may not

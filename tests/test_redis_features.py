@@ -1,5 +1,5 @@
-"""Request control on the Redis store, through a real server: cancel, progress, idempotent submits and
-a webhook delivered to a loopback receiver (the store-level semantics are in the conformance suite)."""
+"""Request control on the Redis store, through the real app (in-process): cancel, progress, idempotent
+submits and a webhook delivered to a loopback receiver (the store-level semantics are in the conformance suite)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import uuid
 import httpx
 import pytest
 import redis
+from test_webhooks import Receiver
 
-from conftest import SLUG, ServerProcess, wait_status
-from test_webhooks import Receiver, wait_for
+from support.app import SLUG, running_app, shared_engine, wait_for, wait_status
 
 SMALL = {"width": 128, "height": 128, "steps": 2}
 
@@ -20,19 +20,17 @@ SMALL = {"width": 128, "height": 128, "steps": 2}
 @pytest.fixture()
 def redis_server(tmp_path, tiny_model, redis_url):
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    server = ServerProcess(
-        tmp_path / "data",
-        env={
-            "FLUXSERVE_MODEL": str(tiny_model),
-            "FLUXSERVE_STORE": redis_url,
-            "FLUXSERVE_REDIS_PREFIX": prefix,
-            "FLUXSERVE_WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver is on loopback
-            "FLUXSERVE_WEBHOOK_POLL_SECONDS": "0.2",
-        },
-    ).start()
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield server, client, prefix
-    server.stop()
+    with running_app(
+        tmp_path / "data",
+        engine=shared_engine(tiny_model),
+        model=str(tiny_model),
+        store=redis_url,
+        redis_prefix=prefix,
+        webhook_allow_private=True,  # the receiver is on loopback
+        webhook_poll_seconds=0.2,
+    ) as server:
+        yield server, client, prefix
     for key in client.scan_iter(f"{prefix}:*", count=500):
         client.delete(key)
     client.close()
@@ -42,7 +40,7 @@ def test_cancel_progress_idempotency_and_webhook_on_redis(redis_server):
     server, client, prefix = redis_server
     receiver = Receiver()
     try:
-        with httpx.Client(base_url=server.url, timeout=60) as http:
+        with server.http() as http:
 
             def submit(headers=None, **body) -> httpx.Response:
                 return http.post(f"/v2/{SLUG}", json={**SMALL, **body}, headers=headers)

@@ -1,4 +1,4 @@
-"""Cancel, deadlines, progress over Server-Sent Events and idempotent submits, on the shared real server."""
+"""Cancel, deadlines, progress over Server-Sent Events and idempotent submits, on the real app in-process."""
 
 from __future__ import annotations
 
@@ -15,7 +15,22 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import SLUG, wait_status
+from support.app import SLUG, running_app, shared_engine, wait_status
+from support.faults import FaultyEngine
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    """The app on the tiny model; the engine fails for prompts containing `__explode__`."""
+    engine = FaultyEngine(shared_engine(tiny_model), error_on="__explode__")
+    with running_app(tmp_path_factory.mktemp("request-control"), engine=engine, model=str(tiny_model)) as app:
+        yield app
+
+
+@pytest.fixture()
+def http(server):
+    with server.http() as client:
+        yield client
 
 
 def submit(http: httpx.Client, headers=None, **body) -> str:
@@ -26,10 +41,10 @@ def submit(http: httpx.Client, headers=None, **body) -> str:
     return response.json()["request_id"]
 
 
-def read_events(url: str, **params) -> list[tuple[str, dict]]:
+def read_events(http: httpx.Client, url: str, **params) -> list[tuple[str, dict]]:
     """The whole event stream, parsed by hand from the wire format."""
     events, name, data = [], None, []
-    with httpx.stream("GET", url, params=params, timeout=httpx.Timeout(10, read=120)) as response:
+    with http.stream("GET", url, params=params, timeout=httpx.Timeout(10, read=120)) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
@@ -111,11 +126,11 @@ def test_deadline_cancels_automatically(http):
     )
 
 
-def test_events_stream_monotonic_progress_to_100_then_the_result(http, server):
+def test_events_stream_monotonic_progress_to_100_then_the_result(http):
     submit(http, positivePrompt="a job ahead", width=512, height=512, steps=12)  # so we connect while QUEUED
     # Long enough (~1 s even on a fast CPU) that the stream, which samples the store, sees several steps.
     request_id = submit(http, positivePrompt="watch me", width=768, height=512, steps=40)
-    events = read_events(f"{server.url}/v2/requests/{request_id}/events", preview="true")
+    events = read_events(http, f"/v2/requests/{request_id}/events", preview="true")
     names = [name for name, _ in events]
     assert names[-1] == "completed" and set(names[:-1]) == {"status"}
     assert events[0][1]["status"] == "QUEUED" and events[0][1]["queue_position"] >= 0
@@ -129,13 +144,13 @@ def test_events_stream_monotonic_progress_to_100_then_the_result(http, server):
     preview = Image.open(io.BytesIO(base64.b64decode(previews[-1].split(",", 1)[1])))
     assert preview.size == (96, 64)  # the latent's own resolution: 1/8 of the image
     # The status endpoint shows the same progress, without the preview unless the stream asks for it.
-    plain = read_events(f"{server.url}/v2/requests/{request_id}/events")
+    plain = read_events(http, f"/v2/requests/{request_id}/events")
     assert plain[-1][0] == "completed" and all("preview" not in body.get("progress", {}) for _, body in plain)
 
 
-def test_events_for_a_failed_request_end_with_failed(http, server):
+def test_events_for_a_failed_request_end_with_failed(http):
     request_id = submit(http, positivePrompt="__explode__ in the stream")
-    events = read_events(f"{server.url}/v2/requests/{request_id}/events")
+    events = read_events(http, f"/v2/requests/{request_id}/events")
     assert events[-1][0] == "failed" and "injected" in events[-1][1]["error"]
     assert http.get(f"/v2/requests/{uuid.uuid4()}/events").status_code == 404
 
@@ -146,7 +161,8 @@ def test_concurrent_submits_with_one_idempotency_key_make_one_job(http, server):
     key = {"Idempotency-Key": str(uuid.uuid4())}
 
     def post(_):
-        return httpx.post(f"{server.url}/v2/{SLUG}", json=body, headers=key, timeout=60)
+        with server.http() as client:  # one client per thread, as separate callers would be
+            return client.post(f"/v2/{SLUG}", json=body, headers=key)
 
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(post, range(8)))

@@ -15,11 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SLUG, wait_status
 from fluxserve.config import Settings
 from fluxserve.engine import GenerationParams, load_engine
 from fluxserve.engine.schedulers import SCHEDULER_NAMES, SCHEDULERS, build_scheduler, markdown_table
 from fluxserve.engine.tiny import FLUX_SCHEDULER_CONFIG
+
+from support.app import SLUG, running_app, shared_engine, wait_status
 
 ALIASES = {frozenset({"Euler", "FlowMatchEulerDiscreteScheduler"})}  # the page names FLUX's Euler twice
 STOCHASTIC = [name for name, spec in SCHEDULERS.items() if spec.stochastic]
@@ -140,6 +141,14 @@ def test_heun_reports_its_real_model_calls(engine):
 
 
 # -- over HTTP -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def http(tmp_path_factory, tiny_model):
+    """A client on the real app in-process, on the tiny model."""
+    with running_app(tmp_path_factory.mktemp("schedulers"), engine=shared_engine(tiny_model),
+                     model=str(tiny_model)) as app, app.http() as client:
+        yield client
 
 
 def fetch_image(http: httpx.Client, request_id: str) -> bytes:

@@ -1,11 +1,11 @@
 """Webhooks end to end: a loopback receiver verifies Standard Webhooks signatures with the reference
-`standardwebhooks` package, answers 500 twice, and the server is killed and restarted between attempts."""
+`standardwebhooks` package, answers 500 twice, and the server is killed (SIGKILL, a real process) and
+another server on the same data dir (the real app, in-process) takes over between attempts."""
 
 from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,9 +13,12 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from conftest import SLUG, ServerProcess, free_port, wait_status
 from fluxserve.webhooks.signing import new_secret
 from fluxserve.webhooks.targets import webhook_client
+
+from support.app import SLUG, running_app, shared_engine, wait_for, wait_status
+from support.faults import faulty_server
+from support.processes import free_port
 
 SECRET = new_secret()
 FAILURES_BEFORE_SUCCESS = 2
@@ -84,31 +87,25 @@ def receiver():
     r.close()
 
 
-def wait_for(condition, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} not met after {timeout}s")
-
-
 def deliveries(http: httpx.Client, request_id: str) -> list[dict]:
     return http.get(f"/v2/requests/{request_id}").json()["webhook"]["deliveries"]
 
 
 def test_signed_retried_durable_delivery(tmp_path, tiny_model, receiver):
-    env = {
-        "FLUXSERVE_MODEL": str(tiny_model),
-        "FLUXSERVE_WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver is on loopback
-        "FLUXSERVE_WEBHOOK_SECRET": SECRET,
-        "FLUXSERVE_WEBHOOK_BACKOFF_SECONDS": "4",  # retries 4 s and 8 s after a failure
-        "FLUXSERVE_WEBHOOK_POLL_SECONDS": "0.2",
-        "FLUXSERVE_FAULTS": "engine_error_on=__explode__",
+    settings = {
+        "model": str(tiny_model),
+        "webhook_allow_private": True,  # the receiver is on loopback
+        "webhook_secret": SECRET,
+        "webhook_backoff_seconds": 2,  # retries 2 s and 4 s after a failure
+        "webhook_poll_seconds": 0.2,
     }
+    env = {f"FLUXSERVE_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
+           for name, value in settings.items()}
     data = tmp_path / "data"
-    first = ServerProcess(data, env=env).start()
+    # A real process, so that it can die without a clean stop; its engine fails on `__explode__`.
+    first = faulty_server(data, env=env, error_on="__explode__").start(wait_ready=False)
+    engine = shared_engine(tiny_model)  # for the server that takes over (loaded while the first starts)
+    first.wait_ready()
     try:
         with httpx.Client(base_url=first.url, timeout=30) as http:
 
@@ -136,16 +133,13 @@ def test_signed_retried_durable_delivery(tmp_path, tiny_model, receiver):
         first.kill()
     assert all(r["answered"] == 500 for r in receiver.requests())  # nothing delivered before the crash
 
-    second = ServerProcess(data, env=env).start()
-    try:
-        with httpx.Client(base_url=second.url, timeout=30) as http:
-            wait_for(
-                lambda: all(deliveries(http, job)[0]["state"] == "delivered" for job in hooked),
-                what="delivery after the restart",
-            )
-            results = {job: http.get(f"/v2/requests/{job}").json() for job in hooked}
-    finally:
-        second.stop()
+    # The next server on the same data dir delivers what the dead one left.
+    with running_app(data, engine=engine, **settings) as second, second.http() as http:
+        wait_for(
+            lambda: all(deliveries(http, job)[0]["state"] == "delivered" for job in hooked),
+            what="delivery after the restart",
+        )
+        results = {job: http.get(f"/v2/requests/{job}").json() for job in hooked}
 
     # Exactly one successful delivery per message, after two 500s; every request verifies.
     verifier = Webhook(SECRET)
@@ -163,7 +157,7 @@ def test_signed_retried_durable_delivery(tmp_path, tiny_model, receiver):
         assert delivery["id"] == got[0]["id"] and delivery["state"] == "delivered"
         assert [a["status_code"] for a in delivery["attempts"]] == [500, 500, 200]
     # The body is the result endpoint's (without the delivery report), as it was at the event.
-    # (Its media link has the base URL the request was submitted to: the first server's port.)
+    # (Its media link has the base URL the request was submitted to: the first server's.)
     result_without_report = {k: v for k, v in results[completed].items() if k != "webhook"}
     payload = by_job[completed][-1]["payload"]
     assert httpx.URL(payload["output"]).path == httpx.URL(result_without_report["output"]).path
@@ -175,7 +169,7 @@ def test_signed_retried_durable_delivery(tmp_path, tiny_model, receiver):
     assert by_job[started][-1]["payload"]["status"] == "PROCESSING"
     assert results[started]["webhook"]["deliveries"][0]["event"] == "start"
     # A tampered body does not verify.
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whatever the library raises for a bad signature)
         verifier.verify(requests[-1]["body"] + b" ", requests[-1]["headers"])
 
     # Redirects are never followed.
@@ -185,6 +179,5 @@ def test_signed_retried_durable_delivery(tmp_path, tiny_model, receiver):
 
 def test_delivery_connections_refuse_loopback_targets():
     """The connection-time guard (against DNS rebinding): no connection is even attempted."""
-    with webhook_client(allow_private=False, timeout=5) as client:
-        with pytest.raises(httpx.ConnectError, match="loopback"):
-            client.post("http://127.0.0.1:9/hook", content=json.dumps({}))
+    with webhook_client(allow_private=False, timeout=5) as client, pytest.raises(httpx.ConnectError, match="loopback"):
+        client.post("http://127.0.0.1:9/hook", content=json.dumps({}))
