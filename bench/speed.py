@@ -378,7 +378,7 @@ def http_latency(engine: Engine, args) -> dict:
                     "seed": SEED, "CFGScale": GUIDANCE, "outputFormat": "JPG"}
 
             def through_http():
-                response = httpx.post(f"{url}/v1/{settings.slug}", json=body, timeout=3600)
+                response = httpx.post(f"{url}/v1/{settings.model.slug}", json=body, timeout=3600)
                 response.raise_for_status()
                 return response
 
