@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 # The torch build to install first. Any CUDA or CPU build >= 2.4 works; override e.g.
 # `make run TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
 TORCH_SPEC ?= torch==2.13.0
-PYTEST_ARGS ?=
+# Two test processes (one per core); each test file runs whole in one of them.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: run test check clean browser
 
