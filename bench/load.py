@@ -1,11 +1,24 @@
-"""Load through a real fleet: N clients, two API replicas, two workers, for SQLite and Redis side by side.
+"""Load through a real fleet: two API replicas, two workers, for SQLite and Redis side by side.
 
-    .venv/bin/python bench/load.py --clients 8 --seconds 20
+    .venv/bin/python bench/load.py --clients 8 --seconds 20               # closed loop (the default)
+    .venv/bin/python bench/load.py --rate 100 --seconds 20                # open loop: 100 submits/s
     .venv/bin/python bench/load.py --clients 2 --seconds 3 --backends sqlite   # a quick check
 
-Each client, in a loop for `--seconds`: submits a job (v2) to one replica, polls its status on the
-other until it ends. Then the bench waits for every accepted job to end and counts the ones that did
-not complete ("lost"; the exit status is 1 unless it is 0).
+Closed loop (default): each of `--clients` clients, in a loop for `--seconds`, submits a job (v2) to one
+replica and polls its status on the other until it ends. How fast they submit depends on how fast
+jobs end, so this measures throughput, not the latency a client sees under a given load.
+
+Open loop (`--rate R`): submits arrive at R per second on a fixed schedule (Poisson arrivals, the same
+seeded schedule for every backend), alternating between the replicas, for `--seconds`. Each is sent on
+time whatever the earlier ones are doing, and its latency runs from its scheduled time, so a stall in
+the API shows up in the percentiles instead of quietly slowing the senders (no coordinated omission).
+Nobody polls during the window; the workers may fall behind, and the backlog they leave (QUEUED +
+PROCESSING jobs when the window closes) and the time to work it off are reported.
+
+Both modes then wait (at most `--drain-timeout` seconds) for every accepted job to end and count the
+ones that did not complete ("lost"; the exit status is 1 unless it is 0). "API CPU ms/submit" is the
+user + system CPU time the two API processes spent during the window (from /proc/<pid>/stat) divided
+by the accepted submits; in the closed loop it includes the clients' status polls.
 
 By default the workers run a FAKE engine that sleeps (`--engine fake-sleep:0.05`) and returns a flat
 image: the figures measure the queue, the API and the stores, not a model. `--engine tiny` runs the
@@ -16,11 +29,16 @@ Everything runs on 127.0.0.1; Redis is a redis-server this script starts (append
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import random
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +50,7 @@ from support.processes import RedisServer, api_replica, worker
 
 SLUG = "juggernaut-pro-flux"
 BODY = {"positivePrompt": "load", "width": 128, "height": 128, "steps": 2}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -68,6 +87,98 @@ def client_loop(urls: list[str], n: int, until: float, tally: Tally) -> None:
                 time.sleep(0.02)
 
 
+def closed_loop(urls: list[str], args: argparse.Namespace) -> tuple[dict, list[str]]:
+    tally = Tally()
+    until = time.monotonic() + args.seconds
+    threads = [threading.Thread(target=client_loop, args=(urls, n, until, tally)) for n in range(args.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    row = {
+        "submits": len(tally.accepted),
+        "submits/s": len(tally.accepted) / args.seconds,
+        "submit p50 ms": percentile(tally.submit_latency, 50),
+        "submit p99 ms": percentile(tally.submit_latency, 99),
+        "status p50 ms": percentile(tally.status_latency, 50),
+        "status p99 ms": percentile(tally.status_latency, 99),
+        "refused": tally.refused,
+    }
+    return row, tally.accepted
+
+
+async def send_on_schedule(urls: list[str], rate: float, seconds: float) -> tuple[dict, list[str]]:
+    """Poisson arrivals at `rate` per second for `seconds`; each submit is its own task, so a slow answer
+    never holds back the next send."""
+    schedule = random.Random(0)  # the same arrivals for every backend
+    latency: list[float] = []
+    accepted: list[str] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+
+        async def submit(n: int, scheduled: float) -> None:
+            nonlocal errors
+            try:
+                response = await http.post(f"{urls[n % 2]}/v2/{SLUG}", json={**BODY, "seed": n})
+            except httpx.HTTPError:
+                errors += 1
+                return
+            if response.status_code != 200:
+                errors += 1
+                return
+            latency.append(time.perf_counter() - scheduled)  # from the scheduled send, not the actual one
+            accepted.append(response.json()["request_id"])
+
+        start = time.perf_counter()
+        at = start + schedule.expovariate(rate)
+        tasks = []
+        while at < start + seconds:
+            await asyncio.sleep(at - time.perf_counter())  # a late loop sends at once (and that lateness counts)
+            tasks.append(asyncio.create_task(submit(len(tasks), at)))
+            at += schedule.expovariate(rate)
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    row = {
+        "rate/s": rate,
+        "submits": len(accepted),
+        "submits/s": len(accepted) / elapsed,  # until the last answer, so an API that lags shows below the rate
+        "submit p50 ms": percentile(latency, 50),
+        "submit p99 ms": percentile(latency, 99),
+        "errors": errors,
+    }
+    return row, accepted
+
+
+def open_loop(urls: list[str], args: argparse.Namespace) -> tuple[dict, list[str]]:
+    return asyncio.run(send_on_schedule(urls, args.rate, args.seconds))
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time these processes have used (fields 14 and 15 of /proc/<pid>/stat)."""
+    total = 0
+    for pid in pids:
+        # The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def backlog(url: str) -> int:
+    """QUEUED + PROCESSING jobs in the store (from /metrics; the store is this run's own)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    waiting = ('fluxserve_jobs{state="QUEUED"}', 'fluxserve_jobs{state="PROCESSING"}')
+    return sum(int(float(line.split()[-1])) for line in text.splitlines() if line.startswith(waiting))
+
+
+def drain(url: str, timeout: float) -> float:
+    """Wait (bounded) until no job is QUEUED or PROCESSING; the seconds it took."""
+    started = time.monotonic()
+    while backlog(url) and time.monotonic() < started + timeout:
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
 def count_completed(url: str, ids: list[str], timeout: float) -> int:
     """Wait (bounded) for every accepted job to end; how many COMPLETED."""
     deadline = time.monotonic() + timeout
@@ -85,7 +196,9 @@ def count_completed(url: str, ids: list[str], timeout: float) -> int:
     return completed
 
 
-def run_backend(backend: str, args, root: Path, model: str) -> dict:
+@contextmanager
+def fleet(backend: str, args: argparse.Namespace, root: Path, model: str) -> Iterator[list]:
+    """Two API replicas and two workers on `backend`, ready; yields the replicas."""
     env = {"FLUXSERVE_MODEL": model, "FLUXSERVE_DATA_DIR": str(root / "data"), "FLUXSERVE_LOG_LEVEL": "WARNING",
            "FLUXSERVE_WORKER_CONCURRENCY": str(args.concurrency), "HF_HUB_OFFLINE": "1"}
     redis = None
@@ -99,33 +212,32 @@ def run_backend(backend: str, args, root: Path, model: str) -> dict:
             process.start()
         for process in processes:
             process.wait_ready()
-        urls = [p.url for p in processes[:2]]
-        tally = Tally()
-        started = time.monotonic()
-        until = started + args.seconds
-        threads = [threading.Thread(target=client_loop, args=(urls, n, until, tally)) for n in range(args.clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        completed = count_completed(urls[0], tally.accepted, timeout=120)
-        return {
-            "backend": backend,
-            "submits": len(tally.accepted),
-            "submits/s": len(tally.accepted) / args.seconds,
-            "submit p50 ms": percentile(tally.submit_latency, 50),
-            "submit p99 ms": percentile(tally.submit_latency, 99),
-            "status p50 ms": percentile(tally.status_latency, 50),
-            "status p99 ms": percentile(tally.status_latency, 99),
-            "refused": tally.refused,
-            "completed": completed,
-            "lost": len(tally.accepted) - completed,
-        }
+        yield processes[:2]
     finally:
         for process in processes:
             process.terminate(timeout=30)
         if redis is not None:
             redis.kill()
+
+
+def run_backend(backend: str, args: argparse.Namespace, root: Path, model: str) -> dict:
+    with fleet(backend, args, root, model) as replicas:
+        urls = [replica.url for replica in replicas]
+        pids = [replica.proc.pid for replica in replicas]
+        cpu_before = cpu_seconds(pids)
+        row, accepted = (open_loop if args.rate else closed_loop)(urls, args)
+        api_cpu = cpu_seconds(pids) - cpu_before
+        if args.rate:
+            row["backlog"] = backlog(urls[0])
+            row["drain s"] = drain(urls[0], args.drain_timeout)
+        completed = count_completed(urls[0], accepted, timeout=30 if args.rate else args.drain_timeout)
+    return {
+        "backend": backend,
+        **row,
+        "completed": completed,
+        "lost": len(accepted) - completed,
+        "API CPU ms/submit": api_cpu * 1000 / len(accepted) if accepted else float("nan"),
+    }
 
 
 def percentile(values: list[float], p: int) -> float:
@@ -145,8 +257,11 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=8, help="closed loop: clients submitting side by side")
+    parser.add_argument("--rate", type=float, help="open loop: submits per second (Poisson arrivals)")
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--drain-timeout", type=float, default=300,
+                        help="at most this long to wait for the accepted jobs to end")
     parser.add_argument("--engine", default="fake-sleep:0.05", help="fake-sleep:SECONDS (default) or tiny")
     parser.add_argument("--concurrency", type=int, default=1, help="jobs each worker runs side by side")
     parser.add_argument("--backends", default="sqlite,redis", help="comma-separated: sqlite, redis")
@@ -160,9 +275,10 @@ def main() -> int:
 
             model = str(save_tiny_model(root / "tiny-model"))
         label = "FAKE engine (sleeps, no model)" if args.engine.startswith("fake-sleep:") else "tiny model"
-        print(f"{args.clients} clients x {args.seconds:g}s, 2 API replicas, 2 workers (concurrency "
-              f"{args.concurrency}), engine: {args.engine} [{label}], job {BODY['width']}x{BODY['height']}, "
-              f"{BODY['steps']} steps", flush=True)
+        load = f"open loop, {args.rate:g} submits/s" if args.rate else f"closed loop, {args.clients} clients"
+        print(f"{load} x {args.seconds:g}s, 2 API replicas, 2 workers (concurrency {args.concurrency}), "
+              f"engine: {args.engine} [{label}], job {BODY['width']}x{BODY['height']}, {BODY['steps']} steps",
+              flush=True)
         rows = [run_backend(backend, args, root / backend, model) for backend in args.backends.split(",")]
     print_table(rows)
     return 1 if any(row["lost"] for row in rows) else 0

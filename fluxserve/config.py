@@ -115,6 +115,11 @@ class ApiSettings(Group):
 
     sync_timeout_seconds: float = Field(600.0, gt=0)  # how long v1 waits for its image
     max_body_bytes: int = Field(64 * 1024, gt=0)
+    # Host headers answered (comma-separated names, `name:port`, or `*` for any); others get 421.
+    # Empty: while keys are off, the bind address, loopback names and PUBLIC_URL's host; with keys, any.
+    allowed_hosts: str = ""
+    # Browser origins allowed to call the API from their pages (comma-separated, `*` for any); empty: CORS off.
+    cors_origins: str = ""
 
 
 class WorkerSettings(Group):

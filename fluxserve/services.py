@@ -80,7 +80,7 @@ class Services:
         self.control = Control(self.jobs, self.access, self.billing)
         self.results = Results(self.jobs, self.outbox, self.outputs, self.access, self.billing)
         self.webhook_sender = WebhookSender(
-            self.jobs, self.outbox, self.webhook_owners.secret, settings.webhooks,
+            self.jobs, self.outbox, self.webhook_owners.secret, self.access.media_query, settings.webhooks,
             default_base_url=(settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/"),
         )
         self.workers: list[Worker] = []

@@ -119,7 +119,7 @@ class Worker:
             self.metrics.heartbeat(self.worker_id)
             try:
                 if not self.run_once():
-                    self._stopping.wait(self.idle_poll_seconds)
+                    self.store.wait_for_work(self.slugs, self.idle_poll_seconds)
             except Exception:
                 log.exception("worker loop error; continuing")
                 self._stopping.wait(1.0)

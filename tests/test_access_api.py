@@ -15,6 +15,7 @@ from segmind.exceptions import SegmindError
 from segmind.v2 import AsyncJob, InferenceFailed
 from typer.testing import CliRunner
 
+from fluxserve.app.access import KEYS_RECHECK_SECONDS
 from fluxserve.cli import app as fluxserve_cli
 
 from support.accounts import accounts_of, create_key, revoke_key
@@ -345,8 +346,9 @@ def test_502_when_the_engine_is_unavailable_and_keys_turn_on_live(tmp_path, tiny
         assert_error(anonymous.post(f"/v2/{SLUG}", json=TINY), 502, "the GPU is gone")
         assert_sdk_error(lambda: sdk(srv, None).run_sync(SLUG, **TINY), 502, "not available")
         assert_error(anonymous.get("/v1/account"), 404, "not metered")
-        # The first key created (while it runs) turns keys on.
+        # The first key created (while it runs) turns keys on, within the server's one-second recheck.
         key = make_key(srv.data_dir, "first")
+        time.sleep(KEYS_RECHECK_SECONDS)
         assert_error(anonymous.post(f"/v2/{SLUG}", json=TINY), 401, "Missing API key")
         assert_sdk_error(lambda: sdk(srv, key).run_sync(SLUG, **TINY), 502, "the GPU is gone")
         assert account_of(srv, key)["balance"] == 10  # nothing was reserved

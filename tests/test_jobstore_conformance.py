@@ -74,7 +74,7 @@ def submit(store, slug="m", i: int = 1) -> Job:
 
 
 def test_submitted_record_round_trips(store):
-    meta = JobMeta(webhook=WebhookTarget("https://example.invalid/h", "http://api", "?sig=x"),
+    meta = JobMeta(webhook=WebhookTarget("https://example.invalid/h", "http://api"), key_id="k1",
                    deadline=Deadline(5.0, 123.5), cost=1.5)
     params = GenerateRequest(positivePrompt="a cat", width=136, steps=3, outputFormat="PNG", scheduler="Heun")
     job = store.submit(Job(id=new_job_id(), slug="m", params=params, owner="acct-1", meta=meta))
@@ -293,6 +293,18 @@ def test_idempotent_submit_returns_the_first_job(store):
     with pytest.raises(IdempotencyConflict) as conflict:
         store.submit(Job(id=new_job_id(), slug="m", params=request(2)), idempotency=IdempotencyKey("key-1", "other"))
     assert conflict.value.job_id == first.id
+
+
+def test_find_idempotent_answers_without_writing(store):
+    key = IdempotencyKey("key-1", "fingerprint-a", "acct-1")
+    assert store.find_idempotent(key) is None
+    first = store.submit(new_job(), idempotency=key)
+    assert store.find_idempotent(key).id == first.id
+    assert store.find_idempotent(IdempotencyKey("key-1", "fingerprint-a", "acct-2")) is None  # another owner
+    with pytest.raises(IdempotencyConflict) as conflict:
+        store.find_idempotent(IdempotencyKey("key-1", "other", "acct-1"))
+    assert conflict.value.job_id == first.id
+    assert {state: n for state, n in store.count_by_state().items() if n} == {"QUEUED": 1}
 
 
 def test_idempotency_keys_are_scoped_to_the_owner(store):

@@ -124,8 +124,9 @@ def test_signed_retried_durable_delivery(tmp_path, tiny_model, receiver):
             hooked = (completed, failed, started)
             # Two failed attempts of every message are on record; then the server dies (no clean stop).
             wait_for(
-                lambda: all(len(d["attempts"]) == 2 for job in hooked for d in deliveries(http, job)),
-                what="two recorded attempts per message",
+                lambda: all(len(d["attempts"]) == 2 for job in hooked for d in deliveries(http, job))
+                and deliveries(http, redirected)[0]["attempts"],
+                what="two recorded attempts per message, and the redirect's first",
             )
             assert wait_status(http, completed)["status"] == "COMPLETED"
             redirect_attempts = deliveries(http, redirected)[0]["attempts"]

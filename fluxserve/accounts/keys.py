@@ -14,6 +14,7 @@ import secrets
 from pathlib import Path
 
 from fluxserve.accounts import Account, AccountStore, ApiKey
+from fluxserve.dbfile import PRIVATE_FILE, private_dir, tighten
 
 KEY_PREFIX = "fsk_"
 SECRET_FILE = "auth-secret"
@@ -37,11 +38,17 @@ def key_id_of(key: str) -> str | None:
 
 
 def server_secret(configured: str | None, data_dir: Path) -> bytes:
-    """The configured secret when set; otherwise a random secret made once into the data dir (mode 0600)."""
+    """The configured secret when set; otherwise a random secret made once into the data dir (mode 0600).
+
+    The data dir holds the secrets, the database and the images, so it is made (or tightened to) 0700
+    here, where every process that serves or manages keys passes first."""
+    private_dir(data_dir)
     if configured:
         return configured.encode()
     path = data_dir / SECRET_FILE
-    if not path.exists():
+    if path.exists():
+        tighten(path, PRIVATE_FILE)
+    else:
         _create_secret_file(path)
     secret = path.read_bytes().strip()
     if len(secret) < 32:
@@ -51,10 +58,9 @@ def server_secret(configured: str | None, data_dir: Path) -> bytes:
 
 def _create_secret_file(path: Path) -> None:
     # Written aside then linked into place: link fails if another process won the race, and
-    # nobody ever reads a half-written secret.
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # nobody ever reads a half-written secret. Created 0600, so it is never readable by others.
     tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
     with os.fdopen(fd, "w") as out:
         out.write(secrets.token_hex(32))
     try:

@@ -7,10 +7,13 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxserve import __version__
-from fluxserve.api import account, control, generate, observability, playground, requests
+from fluxserve.api import account, control, generate, observability, openapi, playground, requests, security
 from fluxserve.api.deps import ServicesDep
 from fluxserve.api.errors import ApiError, install_error_handlers
 from fluxserve.app.errors import NotFound
@@ -26,21 +29,33 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         version=__version__,
         description="Segmind-compatible text-to-image API for FLUX models, self-hosted.",
         lifespan=services_lifespan(services),
+        docs_url=None,  # served by api/openapi.py, without a CDN
+        redoc_url=None,  # no offline ReDoc asset: /docs only
     )
     app.state.services = services
     install_error_handlers(app)
     app.get("/health", tags=["service"])(health)
     app.include_router(observability.router)
-    app.add_middleware(observability.RequestContext)
     app.include_router(generate.router(settings.model.slug))
     app.include_router(requests.router)
     app.include_router(account.router)
     app.include_router(control.router)
     app.include_router(playground.router)
-    # Last: anything unmatched is a JSON 404 (or 405 on the model's own path).
-    app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)(
-        unknown_route
-    )
+    app.include_router(openapi.router)
+    openapi.install_openapi(app)
+    # Last: anything unmatched is a 405 with Allow on a known path, else a JSON 404.
+    app.api_route("/{path:path}", methods=CATCH_ALL_METHODS, include_in_schema=False)(unknown_route)
+
+    # Middleware, innermost first (each add wraps the ones before it).
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(security.JsonBodiesOnly)
+    origins = security.cors_origins(settings)
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=security.CORS_HEADERS, expose_headers=security.CORS_EXPOSED)
+    app.add_middleware(security.HostCheck, policy=security.HostPolicy(settings, services.access.enforced))
+    app.add_middleware(security.SecurityHeaders)
+    app.add_middleware(observability.RequestContext)
     return app
 
 
@@ -75,10 +90,53 @@ async def health(services: ServicesDep) -> dict[str, Any]:
     return body
 
 
-async def unknown_route(path: str, services: ServicesDep) -> None:
+CATCH_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+async def unknown_route(request: Request, path: str) -> None:
+    allowed = allowed_methods(request.app, "/" + path)
+    if allowed:
+        raise ApiError(405, f"Method not allowed: use {', '.join(allowed)}", {"Allow": ", ".join(allowed)})
     if path.startswith(("v1/", "v2/")) and path.count("/") == 1:
-        slug = path.split("/", 1)[1]
-        if slug == services.settings.model.slug:
-            raise ApiError(405, "Method not allowed: use POST")
-        raise NotFound(f"Model not found: {slug}")
+        raise NotFound(f"Model not found: {path.split('/', 1)[1]}")
     raise NotFound("Endpoint not found")
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods of every route (but the catch-all) whose path matches; HEAD wherever GET is."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.endpoint is not unknown_route and route.path_regex.match(path):
+            methods |= route.methods or set()
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+class HeadAsGet:
+    """ASGI middleware: HEAD is answered as GET would be, headers only (routes are declared for GET, and
+    Starlette's responses would send a HEAD body). A streamed answer is cut after its headers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        done = False
+
+        async def send_headers_only(message: Message) -> None:
+            nonlocal done
+            if done:
+                return
+            if message["type"] == "http.response.body":
+                done = True
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        async def receive_until_done() -> Message:
+            # Once answered, the client is gone as far as the route is concerned: a stream stops.
+            return {"type": "http.disconnect"} if done else await receive()
+
+        await self.app({**scope, "method": "GET"}, receive_until_done, send_headers_only)

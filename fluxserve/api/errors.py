@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fluxserve.api.security import SECURITY_HEADERS
 from fluxserve.app.errors import (
     Conflict,
     CreditsExhausted,
@@ -46,10 +47,11 @@ STATUS_OF: dict[type[DomainError], int] = {
 class ApiError(Exception):
     """An error that exists only in HTTP terms (a wrong method, an unknown route)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -64,7 +66,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message)
+        return error_response(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -83,4 +85,5 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         ref = uuid.uuid4().hex[:12]
         log.error("internal error ref=%s on %s %s", ref, request.method, request.url.path, exc_info=exc)
-        return error_response(500, f"Internal server error (ref {ref})")
+        # Answered from outside the middleware stack (Starlette's ServerErrorMiddleware): add the headers here.
+        return error_response(500, f"Internal server error (ref {ref})", SECURITY_HEADERS)

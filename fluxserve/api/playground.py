@@ -22,13 +22,13 @@ router = APIRouter(include_in_schema=False)
 _ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 
 
-def _web_file(name: str) -> bytes:
+def web_file(name: str) -> bytes:
     return resources.files("fluxserve.web").joinpath(name).read_bytes()
 
 
 @router.get("/", response_class=HTMLResponse)
 async def playground() -> HTMLResponse:
-    return HTMLResponse(_web_file("index.html"), headers={"Cache-Control": "no-cache"})
+    return HTMLResponse(web_file("index.html"), headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/playground/config.json")
@@ -70,4 +70,4 @@ def _field(spec: dict[str, Any]) -> dict[str, Any]:
 async def playground_asset(name: str) -> Response:
     if name not in _ASSETS:
         raise NotFound("Not found")
-    return Response(_web_file(name), media_type=_ASSETS[name], headers={"Cache-Control": "no-cache"})
+    return Response(web_file(name), media_type=_ASSETS[name], headers={"Cache-Control": "no-cache"})

@@ -6,7 +6,7 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from fluxserve.api.deps import CallerDep, ServicesDep, base_url, failed_response, presented_key
 from fluxserve.contract import JobState
@@ -47,9 +47,11 @@ async def media(request: Request, key: str, services: ServicesDep) -> Response:
     annotate(job_id=key.partition(".")[0])
     key_given = presented_key(request)
     found = await anyio.to_thread.run_sync(
-        services.results.media, key, request.query_params.get("sig"),
-        lambda: services.access.authenticate(key_given),
+        services.results.media, key, dict(request.query_params), lambda: services.access.authenticate(key_given)
     )
     if found.link:
         return RedirectResponse(found.link, status_code=307)
-    return Response(found.data, media_type=found.media_type, headers={"Cache-Control": "private, max-age=3600"})
+    headers = {"Cache-Control": "private, max-age=3600"}
+    if found.path is not None:  # sent from the file, in pieces, with Range support
+        return FileResponse(found.path, media_type=found.media_type, headers=headers)
+    return StreamingResponse(found.chunks or iter(()), media_type=found.media_type, headers=headers)

@@ -9,16 +9,21 @@ required as soon as any key exists or the server binds a non-loopback address; a
 server with no keys stays open, so a first `make run` just works. A non-loopback bind that needs
 keys but has none refuses to start; `off` is the explicit override, and it is logged.
 
-Signed media links: the media URL in a result carries `?sig=` (an HMAC of the job id under the
-server secret) while keys are enforced, so its owner can hand the link on without the key.
+Signed media links: the media URL of a job made with a key carries `?exp=&kid=&sig=` (an HMAC of the
+job id, the expiry and the key id under the server secret), so its owner can hand the link on without
+the key. A link expires when the job's retention ends (its media is deleted then anyway), and
+revoking the key that made the job voids its links at once; a link is never a way around either.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 from fluxserve.accounts import Account, AccountStore, ApiKey
 from fluxserve.accounts.keys import KeyRejected, Keyring, server_secret
@@ -42,6 +47,7 @@ class Caller:
 
 
 ANONYMOUS = Caller()
+KEYS_RECHECK_SECONDS = 1.0
 
 
 def is_loopback(host: str) -> bool:
@@ -60,6 +66,7 @@ class Access:
         self.host = host
         self.keyring = Keyring(store, server_secret(config.auth_secret, data_dir))
         self._keys_exist = False
+        self._keys_checked_at = float("-inf")
 
     def enforced(self) -> bool:
         """Whether callers must present a valid key now."""
@@ -68,8 +75,11 @@ class Access:
             return mode == "required"
         if not is_loopback(self.host):
             return True
-        # Keys are never deleted (only revoked), so once seen this stays true without asking again.
-        self._keys_exist = self._keys_exist or self.store.has_keys()
+        # Keys are never deleted (only revoked), so once seen this stays true without asking again;
+        # until then the store is asked at most once a second (a new key turns keys on within it).
+        now = time.monotonic()
+        if not self._keys_exist and now - self._keys_checked_at >= KEYS_RECHECK_SECONDS:
+            self._keys_exist, self._keys_checked_at = self.store.has_keys(), now
         return self._keys_exist
 
     def refusal(self) -> str | None:
@@ -113,15 +123,29 @@ class Access:
         if caller.account is not None and job.owner != caller.account.id:
             raise Forbidden(f"Request {job.id} belongs to another account")
 
-    def media_query(self, caller: Caller, job_id: str) -> str:
-        """`?sig=...` for a media URL while the caller is an account (empty when auth is off)."""
-        if caller.account is None:
+    def media_query(self, job: Job) -> str:
+        """The signed query for the job's media URL (empty for a job made without a key, or not ended)."""
+        if job.owner is None or job.meta.key_id is None or job.expires_at is None:
             return ""
-        return f"?sig={self.keyring.sign(_media_message(job_id))}"
+        expires = int(job.expires_at)
+        signature = self.keyring.sign(_media_message(job.id, expires, job.meta.key_id))
+        return "?" + urlencode({"exp": expires, "kid": job.meta.key_id, "sig": signature})
 
-    def has_media_signature(self, job_id: str, signature: str | None) -> bool:
-        return bool(signature) and self.keyring.verify(_media_message(job_id), signature or "")
+    def check_media_link(self, job_id: str, query: Mapping[str, str]) -> bool:
+        """True for a valid, live link to the job's media; False when the query signs nothing (the
+        caller's key decides then); Forbidden for a link that expired or whose key was revoked."""
+        signature, expires, key_id = query.get("sig"), query.get("exp", ""), query.get("kid", "")
+        if not signature or not expires.isdigit() or not key_id:
+            return False
+        if not self.keyring.verify(_media_message(job_id, int(expires), key_id), signature):
+            return False
+        if int(expires) <= time.time():
+            raise Forbidden("This media link has expired; fetch the result again for a fresh one")
+        key = self.store.get_key(key_id)
+        if key is None or key.revoked_at is not None:
+            raise Forbidden("This media link was revoked with the API key that made its request")
+        return True
 
 
-def _media_message(job_id: str) -> str:
-    return f"media:{job_id}"
+def _media_message(job_id: str, expires: int, key_id: str) -> str:
+    return f"media:{job_id}:{expires}:{key_id}"

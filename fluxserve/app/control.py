@@ -65,16 +65,17 @@ class Control:
         self.billing = billing
 
     def cancel(self, caller: Caller, job_id: str) -> Job:
-        """Cancel a QUEUED or PROCESSING job (it ends FAILED, its credits released); Conflict once ended."""
+        """Cancel a QUEUED or PROCESSING job (it ends FAILED, its credits released); Conflict once ended,
+        a cancelled one included."""
         job = self.jobs.get(job_id)
-        if job is not None:
-            self.access.authorize_job(caller, job)
-            job = self.jobs.cancel(job_id, CANCELLED_BY_CLIENT)
         if job is None:
             raise NotFound(f"Request {job_id} not found (unknown or expired)")
-        if job.state is JobState.FAILED and job.error == CANCELLED_BY_CLIENT:
-            self.billing.settle(job)  # not charged: released now
-            return job
+        self.access.authorize_job(caller, job)
+        if not job.state.terminal:
+            job = self.jobs.cancel(job_id, CANCELLED_BY_CLIENT) or job
+            if job.state is JobState.FAILED and job.error == CANCELLED_BY_CLIENT:
+                self.billing.settle(job)  # not charged: released now
+                return job
         raise Conflict(f"Request {job_id} already ended ({job.state.value}); there is nothing to cancel")
 
 

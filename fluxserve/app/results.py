@@ -3,8 +3,9 @@ webhook deliveries, and waiting for it to end (v1's synchronous call)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fluxserve.app.access import Access, Caller
@@ -20,9 +21,12 @@ from fluxserve.webhooks import delivery_view
 
 @dataclass(frozen=True)
 class Media:
+    """Where a job's image is, so the API can stream it: never read whole into memory."""
+
     media_type: str
-    data: bytes | None = None  # the bytes, or
-    link: str | None = None  # where to fetch them (a pre-signed link)
+    link: str | None = None  # a pre-signed link to redirect to, or
+    path: Path | None = None  # a local file (served with ranges), or
+    chunks: Iterator[bytes] | None = None  # the bytes, a chunk at a time
 
 
 class Results:
@@ -49,7 +53,7 @@ class Results:
 
     def body(self, caller: Caller, job: Job, base_url: str) -> dict[str, Any]:
         """What `GET /v2/requests/{id}` answers (FAILED included), its media link signed for the caller."""
-        return job_body(base_url, job, self.access.media_query(caller, job.id))
+        return job_body(base_url, job, self.access.media_query(job))
 
     def webhook_section(self, job: Job) -> dict[str, Any]:
         """The request's webhook and every delivery attempt so far (nothing when it has no webhook)."""
@@ -77,10 +81,10 @@ class Results:
             raise NotFound(f"Output of request {job.id} is no longer available")
         return done, data
 
-    def media(self, output_key: str, signature: str | None, caller: Callable[[], Caller]) -> Media:
-        """A job's image by its key: for whoever holds a signed link, else for the job's owner."""
+    def media(self, output_key: str, query: Mapping[str, str], caller: Callable[[], Caller]) -> Media:
+        """A job's image by its key: for whoever holds a live signed link, else for the job's owner."""
         job_id = output_key.partition(".")[0]
-        if self.access.has_media_signature(job_id, signature):
+        if self.access.check_media_link(job_id, query):
             job = self.jobs.get(job_id)
             if job is None:
                 raise NotFound(f"Request {job_id} not found (unknown or expired)")
@@ -88,10 +92,14 @@ class Results:
             job = self.find(caller(), job_id)
         if job.result is None or job.result.output_key != output_key:
             raise NotFound("Media not found")
+        media_type = job.result.media_type
         link = self.outputs.link(output_key)
         if link:
-            return Media(job.result.media_type, link=link)
-        data = self.outputs.get(output_key)
-        if data is None:
+            return Media(media_type, link=link)
+        path = self.outputs.file_path(output_key)
+        if path is not None:
+            return Media(media_type, path=path)
+        chunks = self.outputs.iter_chunks(output_key)
+        if chunks is None:
             raise NotFound("Media not found")
-        return Media(job.result.media_type, data=data)
+        return Media(media_type, chunks=chunks)

@@ -25,6 +25,7 @@ from typing import Any
 from fluxserve.accounts import AccountStore
 from fluxserve.app.access import Access, Caller
 from fluxserve.app.billing import Billing
+from fluxserve.app.body import decode_json
 from fluxserve.app.control import DeadlineWatcher, parse_cancel_after
 from fluxserve.app.errors import Conflict, InvalidRequest, ModelUnavailable, RateLimited
 from fluxserve.app.webhook_owners import OwnerWebhooks
@@ -53,6 +54,7 @@ SUBMIT_OPTION_SCHEMA: dict[str, Any] = {
     "webhook_events_filter": {
         "type": "array",
         "items": {"enum": list(EVENT_TRIGGERS)},
+        "minItems": 1,
         "description": "Which events to send: 'completed' (default) and/or 'start'",
     },
     "cancel_after": {
@@ -82,13 +84,6 @@ class SubmitOptions:
     events: list[str] = field(default_factory=lambda: list(DEFAULT_EVENTS))
     cancel_after: float | None = None
     idempotency_key: str | None = None
-
-
-def decode_json(body: bytes) -> object:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("Request body must be valid JSON") from None
 
 
 def take_submit_options(payload: object, headers: SubmitHeaders) -> SubmitOptions:
@@ -167,6 +162,12 @@ class Submitter:
             params = parse_request(payload).with_resolved_seed()
         except RequestError as exc:
             raise InvalidRequest(str(exc)) from None
+        idempotency = None
+        if options.idempotency_key:
+            idempotency = IdempotencyKey(options.idempotency_key, options.fingerprint, caller.account_id)
+            earlier = self._replay(idempotency)
+            if earlier is not None:  # answered from the stored request: neither throttled nor charged
+                return earlier
         reason = self.model_unavailable()
         if reason is not None:
             raise ModelUnavailable(f"The model is not available: {reason}")
@@ -174,7 +175,7 @@ class Submitter:
         self._take_rate_token(caller)
         cost = self.billing.reserve(caller, job)
         try:
-            stored = self._store(job, cost, options, caller, base_url)
+            stored = self._store(job, cost, options, idempotency, caller, base_url)
         except BaseException:
             self.billing.release_unless_queued(caller, job.id)
             raise
@@ -195,7 +196,21 @@ class Submitter:
                 retry_after=seconds,
             )
 
-    def _store(self, job: Job, cost: float, options: SubmitOptions, caller: Caller, base_url: str) -> Job:
+    def _replay(self, idempotency: IdempotencyKey) -> Job | None:
+        try:
+            return self.jobs.find_idempotent(idempotency)
+        except IdempotencyConflict as exc:
+            raise _conflict(idempotency.key, exc.job_id) from None
+
+    def _store(
+        self,
+        job: Job,
+        cost: float,
+        options: SubmitOptions,
+        idempotency: IdempotencyKey | None,
+        caller: Caller,
+        base_url: str,
+    ) -> Job:
         """Submit the job with its webhook deliveries, deadline and idempotency key."""
         url = options.webhook or self.webhooks.default_url(job.owner)
         webhook, deliveries = None, []
@@ -204,22 +219,26 @@ class Submitter:
                 check_url(url, allow_private=self.allow_private_webhooks)
             except WebhookTargetError as exc:
                 raise InvalidRequest(f"webhook: {exc}") from None
-            webhook = WebhookTarget(url, base_url, self.access.media_query(caller, job.id))
+            webhook = WebhookTarget(url, base_url)
             deliveries = deliveries_for(job.id, url, options.events)
         deadline = None
         if options.cancel_after is not None:
             deadline = Deadline(options.cancel_after, job.created_at + options.cancel_after)
-        job.meta = JobMeta(webhook=webhook, deadline=deadline, cost=cost)
-        idempotency = (
-            IdempotencyKey(options.idempotency_key, options.fingerprint, job.owner) if options.idempotency_key else None
-        )
+        job.meta = JobMeta(webhook=webhook, deadline=deadline, cost=cost,
+                           key_id=caller.key.id if caller.key else None)
         try:
+            # A concurrent submit with the same key may have won since the replay check: the store
+            # decides atomically, and the loser's reservation is refunded by the caller.
             stored = self.jobs.submit(job, deliveries=deliveries, idempotency=idempotency)
         except IdempotencyConflict as exc:
-            raise Conflict(
-                f"Idempotency-Key {options.idempotency_key!r} was already used with a different request "
-                f"(request {exc.job_id}); use a new key for a new request"
-            ) from None
+            raise _conflict(options.idempotency_key or "", exc.job_id) from None
         if stored.id == job.id:  # a new job, not an idempotent replay
             self.deadlines.watch(stored)
         return stored
+
+
+def _conflict(key: str, job_id: str) -> Conflict:
+    return Conflict(
+        f"Idempotency-Key {key!r} was already used with a different request (request {job_id}); "
+        "use a new key for a new request"
+    )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fluxserve.accounts import AccountStore
 from fluxserve.config import WebhookSettings
+from fluxserve.dbfile import PRIVATE_FILE, private_dir, tighten
 from fluxserve.webhooks.signing import new_secret, secret_bytes
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class OwnerWebhooks:
         self._lock = threading.Lock()
         if self._secret is not None:
             secret_bytes(self._secret)  # fail at start-up, not at the first delivery
+        tighten(data_dir / SECRET_FILE, PRIVATE_FILE)  # one made by hand may be readable by others
 
     def default_url(self, owner: str | None) -> str | None:
         """Where the owner's requests that name no webhook are reported (None: nowhere)."""
@@ -60,10 +62,10 @@ class OwnerWebhooks:
 def _load_or_create_secret(path: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     secret = new_secret()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
     except FileExistsError:  # another process sharing the data directory was first
         return path.read_text().strip()
     with os.fdopen(fd, "w") as handle:

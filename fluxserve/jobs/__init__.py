@@ -34,7 +34,6 @@ class WebhookTarget:
 
     url: str
     base_url: str  # the public base URL the job was submitted through
-    media_query: str = ""  # `?sig=...` that lets the media link work without a key
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,7 @@ class JobMeta:
     webhook: WebhookTarget | None = None
     deadline: Deadline | None = None
     cost: float = 0.0  # credits reserved for the job (0 when nothing is metered)
+    key_id: str | None = None  # the API key that submitted it (its signed media links die with it)
 
     def to_record(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,9 +63,10 @@ class JobMeta:
     def from_record(cls, data: dict[str, Any]) -> JobMeta:
         webhook, deadline = data.get("webhook"), data.get("deadline")
         return cls(
-            webhook=WebhookTarget(**webhook) if webhook else None,
+            webhook=WebhookTarget(webhook["url"], webhook["base_url"]) if webhook else None,
             deadline=Deadline(**deadline) if deadline else None,
             cost=data.get("cost", 0.0),
+            key_id=data.get("key_id"),
         )
 
 
@@ -159,6 +160,11 @@ class JobStore(Protocol):
         """
         ...
 
+    def find_idempotent(self, idempotency: IdempotencyKey) -> Job | None:
+        """The live job holding this key and owner (IdempotencyConflict when its request had another
+        fingerprint), or None: a replay is answered from it before any admission."""
+        ...
+
     def get(self, job_id: str) -> Job | None:
         """The job, or None when unknown or past its retention window."""
         ...
@@ -169,6 +175,11 @@ class JobStore(Protocol):
 
     def claim(self, worker_id: str, slugs: list[str] | None = None) -> tuple[Job, Lease] | None:
         """Take the oldest runnable job (QUEUED, or PROCESSING with a lapsed lease) and lease it."""
+        ...
+
+    def wait_for_work(self, slugs: list[str] | None, timeout: float) -> None:
+        """Block until a job of these slugs (None: any) may have been submitted, or `timeout` passes:
+        an idle worker waits here instead of polling."""
         ...
 
     def heartbeat(self, lease: Lease) -> bool:

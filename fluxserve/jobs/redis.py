@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # while the pub/sub connection was being re-established, not the way waiters normally wake.
 _RECHECK_SECONDS = 5.0
 _PURGE_BATCH = 500
+_ANY = "*"  # a waiter for any published key
 
 
 class RedisJobStore:
@@ -52,11 +53,12 @@ class RedisJobStore:
         self.policy = policy or LeasePolicy()
         self._scripts = {
             name: client.register_script(scripts.PRELUDE + getattr(scripts, name))
-            for name in ("SUBMIT", "GET", "POSITION", "CLAIM", "HEARTBEAT", "FINISH", "PURGE_EXPIRED",
-                         "COUNT_BY_STATE", "REPORT_PROGRESS", "CANCEL", "CLAIM_DELIVERY", "RECORD_ATTEMPT",
-                         "DELIVERIES")
+            for name in ("SUBMIT", "FIND_IDEMPOTENT", "GET", "POSITION", "CLAIM", "HEARTBEAT", "FINISH",
+                         "PURGE_EXPIRED", "COUNT_BY_STATE", "REPORT_PROGRESS", "CANCEL", "CLAIM_DELIVERY",
+                         "RECORD_ATTEMPT", "DELIVERIES")
         }
-        self._ended = _EndedListener(client, f"{prefix}:ended")
+        self._ended = _Wakeups(client, f"{prefix}:ended")  # a job's id when it ends
+        self._queued = _Wakeups(client, f"{prefix}:queued")  # a job's slug when it is submitted
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisJobStore:
@@ -86,6 +88,14 @@ class RedisJobStore:
             return _decode_job(value)
         job.created_at = float(value)
         return job
+
+    def find_idempotent(self, idempotency: IdempotencyKey) -> Job | None:
+        answer = self._run("FIND_IDEMPOTENT", idempotency_scope(idempotency), idempotency.fingerprint)
+        if not answer:
+            return None
+        if answer[0] == "conflict":
+            raise IdempotencyConflict(answer[1])
+        return _decode_job(answer[1])
 
     def get(self, job_id: str) -> Job | None:
         record = self._run("GET", job_id)
@@ -135,6 +145,10 @@ class RedisJobStore:
                 ended.wait(min(remaining, _RECHECK_SECONDS))
                 ended.clear()
 
+    def wait_for_work(self, slugs: list[str] | None, timeout: float) -> None:
+        with self._queued.watch(*(slugs or [_ANY])) as queued:
+            queued.wait(timeout)
+
     def purge_expired(self) -> list[Job]:
         purged: list[Job] = []
         while True:
@@ -155,6 +169,7 @@ class RedisJobStore:
 
     def close(self) -> None:
         self._ended.close()
+        self._queued.close()
         self.client.close()
 
 
@@ -212,8 +227,10 @@ def _decode_job(flat: list[str]) -> Job:
 # -- waking waiters ------------------------------------------------------------------------------------
 
 
-class _EndedListener:
-    """One pub/sub subscription per store; wakes the threads waiting for the jobs it hears end."""
+class _Wakeups:
+    """One pub/sub subscription per channel and store; wakes the threads waiting for the keys (job ids,
+    slugs) it hears published. A waiter registers before it reads the state it waits on, so no
+    message is missed; a missed one (while reconnecting) costs a waiter its timeout, nothing more."""
 
     def __init__(self, client: redis.Redis, channel: str) -> None:
         self.client = client
@@ -225,25 +242,27 @@ class _EndedListener:
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def watch(self, job_id: str) -> Iterator[threading.Event]:
-        """An event set when `job_id` ends; registered before the caller reads the record, so no end is missed."""
+    def watch(self, *keys: str) -> Iterator[threading.Event]:
+        """An event set when any of `keys` is published (`_ANY`: whatever is published)."""
         self._ensure_started()
         event = threading.Event()
         with self._lock:
-            self._waiters.setdefault(job_id, set()).add(event)
+            for key in keys:
+                self._waiters.setdefault(key, set()).add(event)
         try:
             yield event
         finally:
             with self._lock:
-                events = self._waiters.get(job_id, set())
-                events.discard(event)
-                if not events:
-                    self._waiters.pop(job_id, None)
+                for key in keys:
+                    events = self._waiters.get(key, set())
+                    events.discard(event)
+                    if not events:
+                        self._waiters.pop(key, None)
 
     def _ensure_started(self) -> None:
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="redis-ended", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=f"redis-{self.channel}", daemon=True)
                 self._thread.start()
         self._subscribed.wait(5)
 
@@ -266,9 +285,9 @@ class _EndedListener:
             finally:
                 pubsub.close()
 
-    def _wake(self, job_id: str) -> None:
+    def _wake(self, key: str) -> None:
         with self._lock:
-            for event in self._waiters.get(job_id, ()):
+            for event in (*self._waiters.get(key, ()), *self._waiters.get(_ANY, ())):
                 event.set()
 
     def _wake_all(self) -> None:

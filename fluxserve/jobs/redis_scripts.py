@@ -11,6 +11,7 @@ Key layout (P is the key prefix, `fluxserve` by default):
     P:leases              zset   PROCESSING jobs: score = lease expiry (server clock), member = id
     P:ended:<STATE>       zset   COMPLETED / FAILED jobs: score = expires_at, member = id
     P:ended               channel  pub/sub: the id of each job that just ended (wakes waiters)
+    P:queued              channel  pub/sub: the slug of each job just submitted (wakes idle workers)
     P:idem:<scope>        string the id of the job holding an Idempotency-Key; scope = JSON [owner, key]
     P:deliveries:<id>     list   the job's webhook delivery ids, oldest first
     P:delivery:<id>       hash   one field per Delivery dataclass field (JSON), plus `_lease_token`
@@ -131,7 +132,18 @@ for _, delivery in ipairs(cjson.decode(ARGV[7])) do
 end
 redis.call('ZADD', P .. ':queued:' .. slug, seq, id)
 redis.call('SADD', P .. ':slugs', slug)
+redis.call('PUBLISH', P .. ':queued', slug)  -- wakes idle workers of this model
 return {'created', created}
+"""
+
+# ARGV: P, scope, fingerprint. The live job holding an Idempotency-Key: {'existing', record},
+# {'conflict', id} when it came with another fingerprint, or nil when the key is free.
+FIND_IDEMPOTENT = """
+local holder = redis.call('GET', P .. ':idem:' .. ARGV[2])
+local record = holder and live_record(holder)
+if not record then return nil end
+if field(holder, '_idem_fingerprint') ~= ARGV[3] then return {'conflict', holder} end
+return {'existing', record}
 """
 
 # ARGV: P, id. The record as a flat field/value list, or nil when unknown or past retention.

@@ -141,6 +141,17 @@ class SqliteJobStore:
         self._notify()
         return job
 
+    def find_idempotent(self, idempotency: IdempotencyKey) -> Job | None:
+        row = self._db().execute(
+            "SELECT * FROM jobs WHERE idem_key = ? AND (expires_at IS NULL OR expires_at > ?)",
+            (idempotency_scope(idempotency), time.time()),
+        ).fetchone()
+        if row is None:
+            return None
+        if row["idem_fingerprint"] != idempotency.fingerprint:
+            raise IdempotencyConflict(row["id"])
+        return _job_from_row(row)
+
     def _idempotency_holder(self, db: sqlite3.Connection, idem_key: str, fingerprint: str) -> Job | None:
         """The live job holding the key (or IdempotencyConflict); an expired holder gives the key up."""
         row = db.execute("SELECT * FROM jobs WHERE idem_key = ?", (idem_key,)).fetchone()
@@ -269,6 +280,12 @@ class SqliteJobStore:
                 return job
             with self._changed:
                 self._changed.wait(min(remaining, _CROSS_PROCESS_POLL_S))
+
+    def wait_for_work(self, slugs: list[str] | None, timeout: float) -> None:
+        # Woken by any change made through this store (a submit among them); a submit by another
+        # process on the file is seen at the timeout.
+        with self._changed:
+            self._changed.wait(timeout)
 
     def purge_expired(self) -> list[Job]:
         now = time.time()

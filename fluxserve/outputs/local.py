@@ -6,7 +6,11 @@ import contextlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from fluxserve.dbfile import private_dir
+from fluxserve.outputs import CHUNK_BYTES
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
@@ -14,7 +18,7 @@ _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 class LocalOutputStore:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)  # 0700: images are served through the API, never read by other users
 
     def _path(self, key: str) -> Path:
         if not _SAFE_KEY.match(key) or ".." in key:
@@ -23,6 +27,7 @@ class LocalOutputStore:
 
     def put(self, key: str, data: bytes) -> None:
         # Write then rename: a reader never sees half a file, a crash never leaves one under the key.
+        # mkstemp creates the file 0600, and the rename keeps that mode.
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -40,3 +45,20 @@ class LocalOutputStore:
 
     def link(self, key: str) -> str | None:
         return None  # served through the API
+
+    def file_path(self, key: str) -> Path | None:
+        try:
+            path = self._path(key)
+        except KeyError:
+            return None
+        return path if path.is_file() else None
+
+    def iter_chunks(self, key: str) -> Iterator[bytes] | None:
+        path = self.file_path(key)
+        return _read_chunks(path) if path is not None else None
+
+
+def _read_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            yield chunk

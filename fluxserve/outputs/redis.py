@@ -6,8 +6,12 @@ little longer than the retention window is a safety net for when no janitor runs
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import redis
 
+from fluxserve.outputs import CHUNK_BYTES
 from fluxserve.redisconn import connect
 
 
@@ -37,3 +41,20 @@ class RedisOutputStore:
 
     def link(self, key: str) -> str | None:
         return None  # served through the API
+
+    def file_path(self, key: str) -> Path | None:
+        return None
+
+    def iter_chunks(self, key: str) -> Iterator[bytes] | None:
+        name = self._key(key)
+        size = int(self.client.strlen(name))
+        if not size:
+            return None
+        return self._ranges(name, size)
+
+    def _ranges(self, name: str, size: int) -> Iterator[bytes]:
+        for start in range(0, size, CHUNK_BYTES):
+            chunk = self.client.getrange(name, start, min(start + CHUNK_BYTES, size) - 1)
+            if not isinstance(chunk, bytes) or not chunk:  # deleted while it was being read
+                return
+            yield chunk

@@ -7,9 +7,15 @@ pre-signed link instead of relaying the bytes itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
+
+from fluxserve.outputs import CHUNK_BYTES
 
 _MISSING = ("NoSuchKey", "404", "NotFound")
 
@@ -45,8 +51,20 @@ class S3OutputStore:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def get(self, key: str) -> bytes | None:
+        body = self._body(key)
+        return body.read() if body is not None else None
+
+    def file_path(self, key: str) -> Path | None:
+        return None
+
+    def iter_chunks(self, key: str) -> Iterator[bytes] | None:
+        body = self._body(key)
+        return body.iter_chunks(CHUNK_BYTES) if body is not None else None
+
+    def _body(self, key: str) -> Any:
+        """The object's streaming body, or None when there is no such object."""
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in _MISSING:
                 return None

@@ -46,9 +46,8 @@ class RetryPolicy:
         return at if at - attempts[0]["at"] <= self.max_age else None
 
 
-def webhook_payload(delivery: Delivery, job: Job, base_url: str) -> dict[str, Any]:
+def webhook_payload(delivery: Delivery, job: Job, base_url: str, media_query: str = "") -> dict[str, Any]:
     """The result endpoint's body, as it was when the event happened."""
-    media_query = job.meta.webhook.media_query if job.meta.webhook else ""
     if delivery.trigger == "started":
         return result_body_at(base_url, replace(job, state=JobState.PROCESSING), media_query)
     return job_body(base_url, job, media_query)
@@ -60,6 +59,7 @@ class WebhookSender:
         jobs: JobStore,
         outbox: Outbox,
         secret_for: Callable[[str | None], str],
+        media_query: Callable[[Job], str],
         config: WebhookSettings,
         *,
         default_base_url: str = "",
@@ -68,6 +68,8 @@ class WebhookSender:
         self.outbox = outbox
         # The `whsec_` secret that signs the webhooks of a job's owner (None: keys are off).
         self.secret_for = secret_for
+        # The signed query of a job's media link, minted when the message is sent.
+        self.media_query = media_query
         self.policy = RetryPolicy(config.backoff_seconds, config.max_backoff_seconds, config.max_age_seconds)
         self.senders = config.senders
         self.poll_seconds = config.poll_seconds
@@ -110,7 +112,7 @@ class WebhookSender:
             )
             return
         base_url = job.meta.webhook.base_url if job.meta.webhook else self.default_base_url
-        body = json.dumps(webhook_payload(delivery, job, base_url)).encode()
+        body = json.dumps(webhook_payload(delivery, job, base_url, self.media_query(job))).encode()
         headers = {
             "Content-Type": "application/json",
             **signed_headers(self.secret_for(job.owner), delivery.id, body),

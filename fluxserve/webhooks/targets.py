@@ -60,9 +60,30 @@ def resolve_permitted(host: str, port: int) -> list[str]:
     return addresses
 
 
+# IPv6 ranges refused whatever they carry. 6to4, NAT64 and Teredo addresses embed an IPv4 address that a
+# relay or translator turns into the real destination; rather than second-guess the relay, these ranges
+# are refused outright (a webhook receiver has a native address; a host behind DNS64 that must reach
+# an IPv4-only receiver needs `webhook_allow_private`). IPv4-compatible addresses are deprecated and
+# never routed. The list does not rely on the `ipaddress` flags, which differ between
+# Python versions for these ranges.
+_REFUSED_V6 = tuple(
+    (ipaddress.IPv6Network(network), reason)
+    for network, reason in (
+        ("::/96", "an IPv4-compatible address"),
+        ("64:ff9b::/96", "a NAT64 address"),
+        ("64:ff9b:1::/48", "a NAT64 address"),
+        ("2001::/32", "a Teredo address"),
+        ("2002::/16", "a 6to4 address"),
+        ("3fff::/20", "a documentation address"),
+        ("fec0::/10", "a site-local address"),
+    )
+)
+
+
 def refusal_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why the address may not receive webhooks, or None when it is globally routable."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+        ip = ip.ipv4_mapped  # ::ffff:a.b.c.d is a.b.c.d on a dual-stack socket: judge that
     for attribute, reason in (
         ("is_loopback", "a loopback address"),
         ("is_link_local", "a link-local address"),
@@ -73,6 +94,10 @@ def refusal_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | N
     ):
         if getattr(ip, attribute):
             return reason
+    if isinstance(ip, ipaddress.IPv6Address):
+        for network, reason in _REFUSED_V6:
+            if ip in network:
+                return reason
     if not ip.is_global:
         return "not a public address"
     return None

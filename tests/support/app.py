@@ -35,7 +35,7 @@ from fluxserve.config import Settings
 from fluxserve.services import Services
 
 SLUG = "juggernaut-pro-flux"
-BASE_URL = "http://testserver"
+BASE_URL = "http://127.0.0.1"  # a loopback name: the host an open server answers
 
 _engines: dict[str, Any] = {}
 _engines_lock = threading.Lock()
