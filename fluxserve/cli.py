@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +14,7 @@ from tqdm import tqdm
 
 from fluxserve.api import create_app
 from fluxserve.api.worker_app import create_worker_app
+from fluxserve.app.access import Access
 from fluxserve.config import Settings
 from fluxserve.contract import RequestError, parse_request
 from fluxserve.encode import encode_image
@@ -21,6 +24,7 @@ from fluxserve.keys_cli import keys_app
 from fluxserve.logs import configure_logging
 from fluxserve.remote import generate_remote
 from fluxserve.services import Services
+from fluxserve.stores import REDIS_SCHEMES, open_accounts
 
 ModelOption = Annotated[
     str | None, typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")
@@ -45,12 +49,20 @@ def serve(
         bool | None, typer.Option("--worker/--no-worker", help="Run jobs in this process [env FLUXSERVE_WORKER]")
     ] = None,
     auth: Annotated[str | None, typer.Option(help="API keys: required | off | auto [env FLUXSERVE_AUTH]")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="API processes sharing the port (more than 1: Redis store and --no-worker)")
+    ] = 1,
 ) -> None:
     """Start the API (with an embedded worker unless --no-worker / FLUXSERVE_WORKER=false)."""
 
     if auth not in (None, "required", "off", "auto"):
         raise typer.BadParameter("--auth must be required, off or auto")
-    settings = settings_with(host=host, port=port, model=model, data_dir=data_dir, worker=worker, auth=auth)
+    flags: dict[str, object] = {"host": host, "port": port, "model": model, "data_dir": data_dir, "worker": worker,
+                                "auth": auth}
+    settings = settings_with(**flags)
+    if workers > 1:
+        serve_processes(settings, flags, workers)
+        return
     services = Services(settings)
     refusal = services.access.refusal()
     if refusal:
@@ -78,6 +90,51 @@ def worker_command(
     settings = settings_with(worker_concurrency=concurrency, worker_models=models, model=model, host=host,
                              port=port)
     run_http(create_worker_app(settings), settings)
+
+
+def serve_processes(settings: Settings, flags: dict[str, object], workers: int) -> None:
+    """`serve --workers N`: N API processes on one port (uvicorn's supervisor), each built by
+    `api_from_env` from the environment, where the flags given here are passed on."""
+    refusal = multi_process_refusal(settings, workers) or auth_refusal(settings)
+    if refusal:
+        typer.echo(refusal, err=True)
+        raise typer.Exit(2)
+    for name, value in flags.items():
+        if value is not None:
+            os.environ[f"FLUXSERVE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    configure_logging(settings.log_level, settings.log_format)
+    uvicorn.run("fluxserve.cli:api_from_env", factory=True, workers=workers, host=settings.host,
+                port=settings.port, log_config=None, access_log=False)
+
+
+def multi_process_refusal(settings: Settings, workers: int) -> str | None:
+    if not (settings.store.url or "").startswith(REDIS_SCHEMES):
+        return (f"Refusing --workers {workers}: API processes on one port need a shared Redis job store "
+                "(FLUXSERVE_STORE=redis://host:port/db); on the SQLite file they would queue on its one write "
+                "lock and see each other's jobs only by polling. Run one process, or point the store at Redis.")
+    if settings.worker.embedded:
+        return (f"Refusing --workers {workers} with an embedded worker: each process would load its own copy "
+                "of the model and run jobs on the same GPU. Pass --no-worker (FLUXSERVE_WORKER=false) and run "
+                "`fluxserve worker` beside it.")
+    return None
+
+
+def auth_refusal(settings: Settings) -> str | None:
+    """The API's start-up refusal (a reachable bind with no key), checked once before the processes start."""
+    accounts = open_accounts(settings.accounts, settings.store, settings.sqlite_path)
+    try:
+        return Access(settings.accounts, accounts, host=settings.host, data_dir=settings.data_dir).refusal()
+    finally:
+        accounts.close()
+
+
+def api_from_env() -> FastAPI:
+    """One process of `serve --workers N` (uvicorn imports it by name in each process)."""
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    # As access_log=False does before uvicorn starts one process: the access log is ours (with request ids).
+    logging.getLogger("uvicorn.access").propagate = False
+    return create_app(settings)
 
 
 def run_http(asgi_app: FastAPI, settings: Settings) -> None:

@@ -63,8 +63,9 @@ class SpeedSettings(Group):
     preset: Literal["auto", "off", "quality", "balanced", "turbo"] = "auto"
     bf16: bool | None = None
     fuse_qkv: bool | None = None
-    # "auto" (the fastest installed: FA3, flash-attn, PyTorch SDPA), "default" (diffusers' own: SDPA)
-    # or any diffusers attention backend name (native, _native_cudnn, flash, _flash_3, sage, ...).
+    # "auto" (the first that passes a start-up probe: FA3 on Hopper, cuDNN attention on Hopper/Ada, else
+    # PyTorch SDPA), "default" (diffusers' own: SDPA) or any diffusers attention backend name (native,
+    # _native_cudnn, flash, _flash_3, sage, ...).
     attention: str | None = None
     channels_last_vae: bool | None = None
     compile: bool | None = None
@@ -75,7 +76,11 @@ class SpeedSettings(Group):
     compile_mode: str | None = None  # max-autotune-no-cudagraphs on CUDA, default on CPU
     compile_dynamic: bool = False
     compile_cache_dir: Path | None = None  # data_dir/compile-cache when unset
-    warmup_sizes: str = "1024x1024"  # compiled at start-up: "WxH,WxH"; empty for none
+    # Compiled at start-up, "WxH,WxH"; only these sizes run compiled, any other size runs uncompiled
+    # (nothing compiles on a request). Empty: nothing is compiled.
+    warmup_sizes: str = "1024x1024"
+    # Dynamo's cache entries per block class; raised to fit the warm-up sizes (two entries each).
+    compile_recompile_limit: int = Field(64, ge=1)
     # First-block cache: a step reuses the previous step's residual when the first block's output
     # moved by less than this (relative mean absolute change). Higher: faster, lower quality.
     step_cache_threshold: float = Field(0.12, gt=0, le=1)
@@ -83,6 +88,8 @@ class SpeedSettings(Group):
     # memory, or from this many pixels on (unset: by memory only).
     auto_vae_tiling: bool = True
     vae_tiling_min_pixels: int | None = Field(None, gt=0)
+    # Latent previews (when the job asks for them) every this many steps, and at the last step.
+    preview_every: int = Field(4, ge=1)
 
 
 class StoreSettings(Group):

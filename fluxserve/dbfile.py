@@ -57,6 +57,17 @@ def create_private_file(path: Path) -> None:
         tighten(path, PRIVATE_FILE)
 
 
+# One writer lock per database file in this process: threads queue here for the write lock instead of
+# in SQLite's busy handler, which sleeps in steps of up to 100 ms (other processes still meet it).
+_WRITERS: dict[Path, threading.RLock] = {}
+_WRITERS_LOCK = threading.Lock()
+
+
+def _writer_lock(path: Path) -> threading.RLock:
+    with _WRITERS_LOCK:
+        return _WRITERS.setdefault(path.resolve(), threading.RLock())
+
+
 class SqliteFile:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -71,6 +82,7 @@ class SqliteFile:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        self._writer = _writer_lock(self.path)
 
     def db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -90,13 +102,14 @@ class SqliteFile:
         """`BEGIN IMMEDIATE`: the write lock is taken before the first read, so a read-check-write
         sequence inside is atomic across threads and processes sharing the file."""
         db = self.db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with self._writer:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def close(self) -> None:
         with self._connections_lock:

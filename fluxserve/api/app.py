@@ -9,7 +9,6 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxserve import __version__
@@ -105,8 +104,9 @@ async def unknown_route(request: Request, path: str) -> None:
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
     """The methods of every route (but the catch-all) whose path matches; HEAD wherever GET is."""
     methods: set[str] = set()
-    for route in app.router.routes:
-        if isinstance(route, Route) and route.endpoint is not unknown_route and route.path_regex.match(path):
+    for route in openapi.all_routes(app):
+        regex = getattr(route, "path_regex", None)
+        if route.endpoint is not unknown_route and regex is not None and regex.match(path):
             methods |= route.methods or set()
     if "GET" in methods:
         methods.add("HEAD")

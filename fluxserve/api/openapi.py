@@ -12,10 +12,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import fastapi.routing
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response
-from fastapi.routing import APIRoute
 from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from fluxserve.api.playground import web_file
@@ -106,8 +106,8 @@ def truthful(document: dict[str, Any], app: FastAPI) -> dict[str, Any]:
         schemas.pop(unused, None)
     schemas.update(SCHEMAS)
     components["securitySchemes"] = SECURITY_SCHEMES
-    for route in app.routes:
-        if not isinstance(route, APIRoute) or not route.include_in_schema:
+    for route in all_routes(app):
+        if not getattr(route, "include_in_schema", False) or route.path_format not in document["paths"]:
             continue
         for method in sorted(route.methods or ()):
             operation = document["paths"][route.path_format][method.lower()]
@@ -117,6 +117,13 @@ def truthful(document: dict[str, Any], app: FastAPI) -> dict[str, Any]:
                 operation["security"] = KEYED_SECURITY
             _document_bodies(route.name, operation["responses"])
     return document
+
+
+def all_routes(app: FastAPI) -> list[Any]:
+    """Every route with its full path and methods, those of included routers too (newer FastAPI keeps
+    included routers nested: `iter_route_contexts` flattens them; older ones list them flat)."""
+    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
+    return list(flatten(app.routes)) if flatten else list(app.routes)
 
 
 def _document_errors(responses: dict[str, Any], statuses: tuple[int, ...]) -> None:
