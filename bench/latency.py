@@ -6,13 +6,15 @@ round trip costs over the engine alone, on the same model and size in the same r
 
 A real `fluxserve` app serves on a loopback port (uvicorn in a thread, the embedded worker on the same
 engine settings); each request is sent only after the previous one ended, so the server is idle when
-it arrives, and each is paired with one run of the engine alone (same parameters, then JPEG encode). Prints a markdown table: claim wait (the job's `queue_time`) median and max, v1 round trip
-median, engine + encode median, and their ratio.
+it arrives, and each is paired with one run of the engine alone (same parameters, then JPEG encode).
+Prints a markdown table: claim wait (the job's `queue_time`) median and max, v1 round trip median,
+engine + encode median, and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import sys
 import tempfile
@@ -33,8 +35,6 @@ SLUG = "juggernaut-pro-flux"
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from support.app import wait_status
 from support.faults import faulty_server
 
 # ServerProcess and free_port are re-exported: test modules import them from conftest.
@@ -44,14 +44,6 @@ def http(server):
         yield client
 
 
-def wait_status(client: httpx.Client, request_id: str, states=("COMPLETED", "FAILED"), timeout=120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get(f"/v2/requests/{request_id}/status").json()
-        if body.get("status") in states:
-            return body
-        time.sleep(0.1)
-    raise TimeoutError(f"{request_id} not in {states} after {timeout}s: {body}")
 
 
 @pytest.fixture(scope="session")

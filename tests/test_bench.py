@@ -13,26 +13,32 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_speed_bench_smoke(tmp_path):
-    out = tmp_path / "speed.json"
+    """Two presets on the tiny model in one process (a GPU run takes one per command), turbo's step cache
+    forced to skip, a restart measured in a fresh process, results kept in a file for the next command."""
+    out, results = tmp_path / "speed.json", tmp_path / "results" / "runs.json"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "speed.py"), "--smoke", "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / "speed.py"), "--smoke", "--preset", "eager,turbo",
+         "--force-skip", "0.5", "--restart", "--json", str(out), "--results", str(results)],
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "| variant | size | s/image |" in run.stdout
-    result = json.loads(out.read_text())
-    variants = {variant["variant"]: variant for variant in result["variants"]}
-    assert list(variants) == ["diffusers", "quality", "balanced", "turbo"]
-    for variant in variants.values():
-        assert variant["cold_start_s"] > 0
-        assert [(row["width"], row["height"]) for row in variant["rows"]] == [(128, 128), (192, 192)]
-        assert all(row["seconds"] > 0 and row["speedup"] > 0 for row in variant["rows"])
-    assert "fp8" in variants["balanced"]["skipped"]  # needs a GPU
-    assert all(row["psnr_db"] is not None and row["ssim"] is not None for row in variants["turbo"]["rows"])
-    assert variants["turbo"]["rows"][0]["steps_computed"].endswith("/3")
-    http = result["http"]
-    assert http["metrics"]["speed_preset"] == http["preset"] == "balanced"
-    assert http["http_s"] > 0 and http["engine_s"] > 0
+    assert "| preset | size | s/image | images/h | × eager | % of floor |" in run.stdout
+    runs = {item["label"]: item for item in json.loads(out.read_text())["runs"]}
+    assert list(runs) == ["eager", "turbo-forced"]
+    for item in runs.values():
+        assert item["cold_start_s"] > 0
+        [row] = item["rows"]
+        assert (row["width"], row["height"]) == (128, 128) and row["seconds"] > 0 and row["speedup"] > 0
+        assert row["compiled"] is False and not row["invalid"]  # --smoke does not compile
+    turbo = runs["turbo-forced"]
+    assert "fp8" in turbo["skipped"] and turbo["forced_skip"] == 0.5  # float8 needs a GPU
+    assert turbo["rows"][0]["steps_computed"] == "2/3 forced"
+    assert turbo["rows"][0]["psnr_db"] is not None and turbo["rows"][0]["ssim"] is not None  # against eager
+    assert turbo["restart"]["process_s"] >= turbo["restart"]["first_image_s"] > 0  # a fresh process
+    assert runs["eager"]["restart"] is None  # nothing compiles there
+    kept = json.loads(results.read_text())["runs"]
+    assert [item["label"] for item in kept] == list(runs)
+    assert all((results.parent / item["rows"][0]["image_file"]).is_file() for item in kept)
 
 
 def run_load_bench(*args: str) -> dict[str, str]:

@@ -15,6 +15,7 @@ from fluxserve.engine.fake import SleepingEngine
 
 from support.accounts import create_key
 from support.app import SLUG, running_app, serve_on_loopback, wait_status
+from support.faults import fail_submits_on
 
 TINY = {"positivePrompt": "a cat", "width": 128, "height": 128, "steps": 1}
 UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"
@@ -166,6 +167,16 @@ def test_every_response_carries_the_security_headers(http, method, path, headers
     csp = csp_of(response)
     assert csp["default-src"] == "'self'" and csp["script-src"] == "'self'" and csp["frame-ancestors"] == "'none'"
     assert "unsafe-inline" not in response.headers["content-security-policy"]
+
+
+def test_an_internal_error_carries_them_too(tmp_path):
+    """A 500 is answered by Starlette's outermost middleware, outside the one that adds the headers."""
+    with fake_app(tmp_path, setup=lambda services: fail_submits_on(services, "__fault__")) as app, app.http() as http:
+        response = http.post(f"/v2/{SLUG}", json={**TINY, "positivePrompt": "a __fault__"})
+        assert response.status_code == 500 and set(response.json()) == {"error"}
+        assert csp_of(response)["script-src"] == "'self'"
+        for name, value in SECURITY_HEADERS.items():
+            assert response.headers[name] == value
 
 
 def test_docs_page_works_offline(http):

@@ -89,8 +89,8 @@ def test_cancel_queued_and_processing_then_the_next_job_runs(http, server):
         }
         status = http.get(f"/v2/requests/{request_id}/status")
         assert status.status_code == 422 and "cancelled" in status.json()["error"]
-    # Cancelling again says the same; cancelling an unknown request is a 404.
-    assert http.post(f"/v2/requests/{running}/cancel").status_code == 200
+    # Cancelling again is a 409 (it has ended, as the README says); an unknown request is a 404.
+    assert http.post(f"/v2/requests/{running}/cancel").status_code == 409
     assert http.post(f"/v2/requests/{uuid.uuid4()}/cancel").status_code == 404
 
     assert wait_status(http, after)["status"] == "COMPLETED"

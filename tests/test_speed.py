@@ -13,17 +13,29 @@ import torch
 
 from fluxserve.config import Settings
 from fluxserve.engine import GenerationCancelled, GenerationParams, load_engine
-from fluxserve.engine.optimize import fp8_eligible, repeated_blocks
-from fluxserve.engine.speed import PRESETS, Machine, choose_attention_backend, parse_sizes, plan_speed
+from fluxserve.engine import flux as flux_engine
+from fluxserve.engine.optimize import AppliedSpeed, fp8_eligible, repeated_blocks
+from fluxserve.engine.preview import LatentPreviews
+from fluxserve.engine.speed import (
+    PRESETS,
+    Machine,
+    attention_candidates,
+    choose_attention_backend,
+    parse_sizes,
+    plan_speed,
+    probe_attention,
+    probe_attention_backends,
+)
 from fluxserve.engine.vae_tiling import decode_bytes, needs_vae_tiling
 
 from conftest import SLUG, wait_status
 
 CPU = Machine(device="cpu")
+# `attention`: the backends that passed the start-up probe.
 H100 = Machine(device="cuda", capability=(9, 0), modules=frozenset({"torchao", "triton"}),
-               attention=frozenset({"_flash_3", "flash"}))
+               attention=frozenset({"_flash_3", "_native_cudnn", "flash"}))
 A100 = Machine(device="cuda", capability=(8, 0), modules=frozenset({"torchao", "triton"}),
-               attention=frozenset({"flash"}))
+               attention=frozenset({"flash", "_native_cudnn"}))
 PARAMS = GenerationParams("a stone bridge", 128, 128, steps=4, seed=11, guidance=3.5)
 
 
@@ -82,15 +94,47 @@ def test_compile_needs_its_toolchain():
     assert "C++ compiler" in plan(Machine(has_cxx=False), speed_compile=True).skipped["compile"]
 
 
-def test_attention_backend_choice():
-    assert choose_attention_backend(CPU) == "native"
-    assert choose_attention_backend(H100) == "_flash_3"
-    assert choose_attention_backend(A100) == "flash"  # FA3 is Hopper-only
-    ada_with_fa3 = Machine(device="cuda", capability=(8, 9), attention=frozenset({"_flash_3"}))
-    assert choose_attention_backend(ada_with_fa3) == "native"
-    assert choose_attention_backend(Machine(device="cuda", capability=(9, 0))) == "native"  # PyTorch SDPA
+def test_attention_auto_tries_fa3_then_cudnn_then_sdpa():
+    assert attention_candidates("cuda", (9, 0)) == ["_flash_3", "_native_cudnn"]
+    assert attention_candidates("cuda", (8, 9)) == ["_native_cudnn"]  # Ada: FA3 is Hopper-only
+    assert attention_candidates("cuda", (8, 0)) == attention_candidates("cpu", None) == []
+
+    def hopper(*passed):
+        return Machine(device="cuda", capability=(9, 0), attention=frozenset(passed))
+
+    assert choose_attention_backend(hopper("_flash_3", "_native_cudnn")) == "_flash_3"
+    assert choose_attention_backend(hopper("_native_cudnn")) == "_native_cudnn"
+    assert choose_attention_backend(hopper()) == "native"  # PyTorch SDPA
+    assert choose_attention_backend(hopper("_flash_3"), half_precision=False) == "native"  # float32
+    ada = Machine(device="cuda", capability=(8, 9), attention=frozenset({"_flash_3", "_native_cudnn"}))
+    assert choose_attention_backend(ada) == "_native_cudnn"
+    assert choose_attention_backend(A100) == choose_attention_backend(CPU) == "native"
+    assert plan(H100).options.attention == "_flash_3"
+    assert plan(H100, dtype="float32").options.attention == "native"
     assert "flash_attn_3" in plan(A100, speed_attention="_flash_3").skipped["attention"]
     assert "unknown attention backend 'fa9'" in plan(H100, speed_attention="fa9").skipped["attention"]
+    broken = Machine(device="cuda", capability=(9, 0), attention_failures=(("sage", "RuntimeError: no kernel"),))
+    reason = plan(broken, speed_attention="sage").skipped["attention"]
+    assert "failed its probe on cuda: RuntimeError: no kernel" in reason
+
+
+def test_attention_probe_runs_candidates_in_order_and_picks_sdpa_on_cpu():
+    tried = []
+
+    def fake_probe(name, device):
+        tried.append(name)
+        return None if name == "_native_cudnn" else "ImportError: no flash_attn_interface"
+
+    usable, failures = probe_attention_backends("cuda", attention_candidates("cuda", (9, 0)), probe=fake_probe)
+    assert tried == ["_flash_3", "_native_cudnn"] and usable == {"_native_cudnn"}
+    assert choose_attention_backend(Machine(device="cuda", capability=(9, 0), attention=usable)) == "_native_cudnn"
+    assert dict(failures) == {"_flash_3": "ImportError: no flash_attn_interface"}
+    # The real probe on this CPU: SDPA passes, the Hopper candidates fail with a reason, so SDPA is chosen.
+    assert probe_attention("native", "cpu") is None
+    usable, failures = probe_attention_backends("cpu", attention_candidates("cuda", (9, 0)))
+    assert not usable and "flash" in dict(failures)["_flash_3"].lower() and dict(failures)["_native_cudnn"]
+    assert choose_attention_backend(Machine(device="cuda", capability=(9, 0), attention=usable)) == "native"
+    assert choose_attention_backend(Machine.probe("cpu")) == "native"
 
 
 def test_warmup_sizes_parse_and_round_up():
@@ -127,7 +171,7 @@ def engine_with(tiny_model, **speed):
     return load_engine(Settings(model=str(tiny_model), **{"speed_preset": "off", "speed_warmup_sizes": "", **speed}))
 
 
-@pytest.mark.parametrize("switch", [{"speed_fuse_qkv": True}, {"speed_channels_last_vae": True},
+@pytest.mark.parametrize("switch", [{"speed_channels_last_vae": True},
                                     {"speed_attention": "native"}, {"speed_attention": "auto"}])
 def test_lossless_options_keep_the_image(tiny_model, reference, switch):
     engine = engine_with(tiny_model, **switch)
@@ -135,14 +179,92 @@ def test_lossless_options_keep_the_image(tiny_model, reference, switch):
     assert np.abs(np.asarray(engine.generate(PARAMS)).astype(int) - reference).max() <= 1
 
 
-def test_quality_preset_compiles_and_keeps_the_image(tiny_model, reference, tmp_path):
-    # quality without bf16, so that the comparison with float32 diffusers is about compilation alone.
-    engine = load_engine(Settings(model=str(tiny_model), data_dir=tmp_path, speed_preset="quality",
-                                  speed_bf16=False, speed_warmup_sizes="128x128"))
-    assert engine.speed.plan.options.compile and engine.speed.compiled
-    assert any((tmp_path / "compile-cache").iterdir())  # kernels kept on disk for the next start
+UNFUSED = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def test_fused_qkv_drops_the_unfused_projections_and_keeps_the_image(tiny_model, reference):
+    engine = engine_with(tiny_model, speed_fuse_qkv=True)
+    attentions = [block.attn for block in repeated_blocks(engine.pipeline.transformer)]
+    assert all(attn.fused_projections and isinstance(attn.to_qkv, torch.nn.Linear) for attn in attentions)
+    assert not [name for attn in attentions for name in UNFUSED if hasattr(attn, name)]
+    assert isinstance(engine.pipeline.transformer.transformer_blocks[0].attn.to_added_qkv, torch.nn.Linear)
+    assert np.abs(np.asarray(engine.generate(PARAMS)).astype(int) - reference).max() <= 1
+
+
+# Compiling the tiny model on CPU takes about 30 s: the compile tests share one engine. quality without
+# bf16 (so that comparisons with float32 diffusers are about compilation alone), one warm-up size, and a
+# recompile limit of 2: one size's worth of cache entries.
+@pytest.fixture(scope="module")
+def compiled(tiny_model, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("compiled")
+    engine = load_engine(Settings(model=str(tiny_model), data_dir=data_dir, speed_preset="quality", speed_bf16=False,
+                                  speed_warmup_sizes="128x128", speed_compile_recompile_limit=2))
+    return engine, data_dir
+
+
+def test_quality_preset_compiles_and_keeps_the_image(compiled, reference):
+    engine, data_dir = compiled
+    assert engine.speed.plan.options.compile and engine.speed.compiled and engine.speed.warmed_up
+    assert any((data_dir / "compile-cache").iterdir())  # kernels kept on disk for the next start
     assert np.abs(np.asarray(engine.generate(PARAMS)).astype(int) - reference).max() <= 2
-    assert engine.speed.metrics()["speed_options"][-1] == "compile"
+    metrics = engine.metrics()
+    assert metrics["speed_options"][-1] == "compile" and metrics["compiled"] is True
+    assert metrics["attention_backend"] == "native"
+    assert not torch._dynamo.config.suppress_errors  # errors are caught at warm-up, not hidden everywhere
+
+
+def test_sizes_not_warmed_up_run_uncompiled_past_the_recompile_limit(compiled):
+    engine, _ = compiled
+    from torch._dynamo.utils import counters
+
+    assert torch._dynamo.config.recompile_limit == 2
+    graphs = counters["stats"]["unique_graphs"]
+    sizes = [(144, 128), (128, 160), (176, 144), (96, 112)]  # more new sizes than the limit allows
+    for width, height in sizes:
+        image = engine.generate(GenerationParams("a stone bridge", width, height, steps=2, seed=3, guidance=3.5))
+        assert image.size == (width, height) and engine.metrics()["compiled"] is False
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled on a request
+    engine.generate(GenerationParams("a stone bridge", 128, 128, steps=2, seed=3, guidance=3.5))
+    assert engine.metrics()["compiled"] is True  # the warm-up size still runs its graphs
+
+
+def test_a_compile_error_at_warm_up_serves_uncompiled_for_good(caplog):
+    applied = AppliedSpeed(plan=plan(CPU, speed_compile=True, speed_warmup_sizes="64x64,96x96"),
+                           compiled=[object()])  # stands in for compiled forwards: nothing runs them
+
+    def failing(params):
+        raise RuntimeError("inductor exploded")
+
+    applied.warm_up(failing)
+    assert not applied.plan.options.compile and "inductor exploded" in applied.plan.skipped["compile"]
+    assert not applied.runs_compiled(64, 64) and not applied.warmed_up
+    assert "serving uncompiled" in caplog.text
+    nothing = AppliedSpeed(plan=plan(CPU, speed_compile=True, speed_warmup_sizes=""), compiled=[object()])
+    nothing.warm_up(failing)
+    assert not nothing.plan.options.compile and "no warm-up sizes" in nothing.plan.skipped["compile"]
+
+
+def test_previews_every_nth_step_and_the_last(plain):
+    events: list = []
+    params = GenerationParams("a stone bridge", 64, 64, steps=6, seed=1, guidance=3.5)
+    plain.generate(params, on_step=lambda step, total: events.append(step),
+                   on_preview=lambda image: events.append(("preview", image.size)))
+    assert plain.speed.plan.preview_every == 4
+    assert events == [1, 2, 3, ("preview", (8, 8)), 4, 5, ("preview", (8, 8)), 6]
+    previews = LatentPreviews(lambda image: None, 64, 64, 8, every=3)
+    assert [step for step in range(8) if previews.wanted(step, 8)] == [2, 5, 7]
+
+
+def test_no_preview_work_without_a_callback(plain, monkeypatch):
+    class Refuse:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("preview code ran without a preview callback")
+
+    monkeypatch.setattr(flux_engine, "LatentPreviews", Refuse)
+    steps: list = []
+    plain.generate(GenerationParams("a stone bridge", 64, 64, steps=3, seed=1, guidance=3.5),
+                   on_step=lambda step, total: steps.append(step))
+    assert steps == [1, 2, 3]
 
 
 def test_bf16_keeps_the_contract(tiny_model, reference):
@@ -211,12 +333,21 @@ def test_result_metrics_name_the_preset(http):
     assert wait_status(http, request_id)["status"] == "COMPLETED"
     metrics = http.get(f"/v2/requests/{request_id}").json()["metrics"]
     assert metrics["speed_preset"] == "off" and metrics["speed_options"] == []
+    assert metrics["compiled"] is False and metrics["attention_backend"] == "native"
 
 
-def test_fp8_targets_the_blocks_linear_layers(tiny_model, plain):
+def test_fp8_targets_the_blocks_linear_layers_but_not_adaln(tiny_model, plain):
     transformer = plain.pipeline.transformer
-    eligible = [m for block in repeated_blocks(transformer) for m in block.modules() if fp8_eligible(m)]
-    assert eligible and all(isinstance(m, torch.nn.Linear) for m in eligible)
+    named = [(name, m) for block in repeated_blocks(transformer) for name, m in block.named_modules()]
+    eligible = [name for name, m in named if fp8_eligible(m, name)]
+    assert eligible and all(isinstance(m, torch.nn.Linear) for name, m in named if name in eligible)
+    assert {"attn.to_out.0", "ff.net.2", "proj_mlp", "proj_out"} <= set(eligible)
+    # AdaLN modulation (one row per sample: the timestep embedding) stays in bf16.
+    adaln = {name for name, m in named if isinstance(m, torch.nn.Linear) and name.endswith("linear")}
+    assert adaln == {"norm1.linear", "norm1_context.linear", "norm.linear"} and not adaln & set(eligible)
+    wide = torch.nn.Linear(3072, 18432)  # FLUX.1-dev's norm1.linear
+    assert not fp8_eligible(wide, "norm1.linear") and not fp8_eligible(wide, "blocks.3.norm1_context.linear")
+    assert fp8_eligible(torch.nn.Linear(3072, 9216), "attn.to_qkv") and fp8_eligible(wide, "ff.net.0.proj")
     assert not fp8_eligible(torch.nn.Linear(64, 24)) and not fp8_eligible(torch.nn.Conv2d(16, 16, 1))
     torchao = pytest.importorskip("torchao.quantization")
     assert torchao.Float8DynamicActivationFloat8WeightConfig(granularity=torchao.PerRow())
@@ -236,5 +367,6 @@ def test_presets_on_gpu_keep_the_contract(tiny_model, tmp_path, preset):
     assert not engine.speed.plan.skipped, engine.speed.plan.skipped
     first, again = (np.asarray(engine.generate(PARAMS)) for _ in range(2))
     assert first.shape == (128, 128, 3) and np.array_equal(first, again)
+    assert engine.metrics()["compiled"] is True
     odd = np.asarray(engine.generate(GenerationParams("a stone bridge", 200, 136, steps=2, seed=3, guidance=3.5)))
-    assert odd.shape == (136, 200, 3)  # a size that was not warmed up compiles on first use
+    assert odd.shape == (136, 200, 3) and engine.metrics()["compiled"] is False  # not warmed up: eager

@@ -81,9 +81,9 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "ready": (503,),
     "metrics": (),
 }
-DESCRIPTION = (
-    "Segmind-compatible text-to-image API for FLUX models, self-hosted. Every error is `{\"error\": \"...\"}`; "
-    "a wrong method answers 405 with `Allow`, and HEAD works wherever GET does."
+ABOUT_ERRORS = (
+    " Every error is `{\"error\": \"...\"}`; a wrong method answers 405 with `Allow`, and HEAD works wherever"
+    " GET does."
 )
 
 
@@ -92,7 +92,8 @@ def install_openapi(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            document = get_openapi(title=app.title, version=app.version, description=DESCRIPTION, routes=app.routes)
+            document = get_openapi(title=app.title, version=app.version, description=app.description + ABOUT_ERRORS,
+                                   routes=app.routes)
             app.openapi_schema = truthful(document, app)
         return app.openapi_schema
 
@@ -140,9 +141,8 @@ def _document_bodies(name: str, responses: dict[str, Any]) -> None:
     """Success bodies FastAPI cannot see from the routes' signatures."""
     ok = responses.setdefault("200", {"description": "Successful Response"})
     if name == "generate_sync":
-        ok.setdefault("content", {})["application/json"] = {
-            "schema": {"type": "object"}, "description": "with `base64: true`: the result with the image in base64",
-        }
+        ok["description"] = "The image; with `base64: true`, JSON: the result with the image in base64"
+        ok.setdefault("content", {})["application/json"] = {"schema": {"type": "object"}}
     elif name == "metrics":
         ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
     elif name == "media":

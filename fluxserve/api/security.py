@@ -139,7 +139,7 @@ class HostCheck:
         if scope["type"] == "http":
             host = dict(scope["headers"]).get(b"host")
             if host is not None and not await self.policy.allows(host.decode("latin-1")):
-                message = "Misdirected request: this server does not answer to that host name"
+                message = "Misdirected request: this server does not answer to that host name (FLUXSERVE_ALLOWED_HOSTS)"
                 await JSONResponse(error_body(message), 421)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -15,7 +15,7 @@ from typing import Any
 from fluxserve.engine.errors import InvalidImage, OutOfMemory
 from fluxserve.engine.memory import after_generation, release_memory
 from fluxserve.engine.optimize import AppliedSpeed
-from fluxserve.engine.preview import latent_preview
+from fluxserve.engine.preview import LatentPreviews
 from fluxserve.engine.protocol import GenerationParams, PreviewCallback, ProgressCallback
 from fluxserve.engine.schedulers import build_scheduler
 from fluxserve.engine.sizes import center_crop, padded
@@ -36,7 +36,9 @@ class FluxEngine:
         self._lock = threading.Lock()
 
     def metrics(self) -> dict[str, Any]:
-        return self.speed.metrics()  # speed_preset, speed_options
+        # speed_preset, speed_options, attention_backend; `compiled`: whether this thread's last job ran
+        # the compiled graphs (the worker asks right after its job, on the same thread).
+        return self.speed.metrics()
 
     def generate(
         self,
@@ -47,7 +49,8 @@ class FluxEngine:
         """Run the pipeline for one request; returns a PIL image of exactly width×height.
 
         `on_step(step, total)` runs after each denoising step; raising GenerationCancelled from it stops
-        the run. `on_preview(image)`, when given, gets a low-resolution preview just before it.
+        the run. `on_preview(image)`, when given, gets a low-resolution preview of every Nth step and the
+        last (SPEED_PREVIEW_EVERY), just before a progress call (on a GPU, of a step or two before).
         """
         import numpy as np
         import torch
@@ -59,13 +62,18 @@ class FluxEngine:
         pipe: Any = FluxPipeline(**{**self.pipeline.components, "scheduler": scheduler})
         pipe.set_progress_bar_config(disable=True)
 
+        previews = None
+        if on_preview is not None:
+            previews = LatentPreviews(on_preview, padded(params.height), padded(params.width),
+                                      pipe.vae_scale_factor, every=self.speed.plan.preview_every)
+
         def step_end(_pipe, step: int, _timestep, tensors):
-            if on_preview is not None:
-                on_preview(latent_preview(tensors["latents"], padded(params.height), padded(params.width),
-                                          pipe.vae_scale_factor))
+            # Some samplers (Heun) take more model calls than `steps`; report the real count.
+            total = len(_pipe.scheduler.timesteps)
+            if previews is not None:
+                previews.after_step(step, total, tensors["latents"])
             if on_step is not None:
-                # Some samplers (Heun) take more model calls than `steps`; report the real count.
-                on_step(step + 1, len(_pipe.scheduler.timesteps))
+                on_step(step + 1, total)
             return tensors
 
         speed = self.speed.during(pipe, padded(params.width), padded(params.height))  # speed options

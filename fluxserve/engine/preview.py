@@ -3,6 +3,9 @@
 The factors are the least-squares latent→RGB fit for FLUX's VAE that image UIs commonly use for live
 previews (as published in ComfyUI's latent formats). Other channel counts (a toy model, say) fall back
 to the first three channels, normalised: still a moving picture of the run, just not a faithful one.
+
+`LatentPreviews` decides when: every Nth step and the last, and on a GPU without making the denoising
+loop wait for the copy to host memory.
 """
 
 from __future__ import annotations
@@ -44,3 +47,48 @@ def latent_preview(packed, height: int, width: int, vae_scale_factor: int):
     image = Image.fromarray(pixels, mode="RGB")
     image.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
     return image
+
+
+class LatentPreviews:
+    """Previews of one run: every `every`-th step and the last one.
+
+    On CUDA the latent is copied into pinned host memory without blocking (a synchronising `.cpu()` each
+    step would stall the GPU queue) and turned into a picture at a later step, once the copy has landed;
+    the last step's preview waits for its copy. Elsewhere the preview is made at once.
+    """
+
+    def __init__(self, on_preview, height: int, width: int, vae_scale_factor: int, every: int) -> None:
+        self.on_preview = on_preview
+        self.height, self.width, self.vae_scale_factor = height, width, vae_scale_factor
+        self.every = max(1, every)
+        self._pending: list = []  # (host latent, CUDA event or None), oldest first
+
+    def wanted(self, step: int, total: int) -> bool:
+        """Whether step `step` (0-based) of `total` gets a preview."""
+        return (step + 1) % self.every == 0 or step + 1 >= total
+
+    def after_step(self, step: int, total: int, latents) -> None:
+        if self.wanted(step, total):
+            self._pending.append(self._copy(latents))
+        self._deliver(wait=step + 1 >= total)
+
+    def _copy(self, latents):
+        import torch
+
+        if latents.device.type != "cuda":
+            return latents.detach(), None
+        host = torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True)
+        host.copy_(latents, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(latents.device))
+        return host, event
+
+    def _deliver(self, wait: bool) -> None:
+        while self._pending:
+            host, event = self._pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return  # not landed yet: the next step looks again
+                event.synchronize()
+            self._pending.pop(0)
+            self.on_preview(latent_preview(host, self.height, self.width, self.vae_scale_factor))
