@@ -25,14 +25,14 @@ SUBMIT_HEADERS_DOC = [
         "name": "Idempotency-Key",
         "in": "header",
         "required": False,
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
         "description": "Retry-safe submit: the same key and body give the same request_id",
     },
     {
         "name": "Cancel-After",
         "in": "header",
         "required": False,
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "minLength": 1},
         "description": "Deadline: seconds, or a duration such as '90s' or '5m'",
     },
 ]
