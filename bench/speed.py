@@ -603,7 +603,9 @@ def targets(runs: list[Run], args) -> list[str]:
             row = at_1024.get(label)
             if row is not None:
                 note = " (step skipping forced)" if label.endswith("-forced") else ""
-                lines.append(f"- {preset} ≤ {limit} s{note}: {row.seconds:.3f} s, {verdict(row.seconds <= limit)}")
+                nan = ", but a NaN image" if row.invalid else ""
+                lines.append(f"- {preset} ≤ {limit} s{note}: {row.seconds:.3f} s{nan}, "
+                             f"{verdict(row.seconds <= limit and not row.invalid)}")
     preset, factor = TARGET_SPEEDUP
     if preset in at_1024 and at_1024[preset].speedup is not None:
         speedup = at_1024[preset].speedup
