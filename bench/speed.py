@@ -391,6 +391,8 @@ def restart_in_fresh_process(variant: str, args) -> dict:
         if timeout < 30:
             print("  restart skipped: --time-limit leaves no time for it", flush=True)
             return {"error": "skipped: no time left"}
+    if torch.cuda.is_available():  # the child needs the room the measured pipeline had
+        print(f"  GPU memory still held here: {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
     spawned = time.time()
     try:
         run = subprocess.run([*restart_command(variant, args), "--spawned-at", repr(spawned)],

@@ -44,7 +44,8 @@ def run_one_job(root: Path, engine: Engine, request: GenerateRequest) -> tuple[J
 def engine(request) -> Engine:
     if request.param == "fake-sleep":
         return SleepingEngine(0.01)
-    return load_engine(Settings(model=str(request.getfixturevalue("tiny_model"))))
+    # A preview before every step, so the callback order is checked at each one.
+    return load_engine(Settings(model=str(request.getfixturevalue("tiny_model")), speed_preview_every=1))
 
 
 def params(width: int = 136, height: int = 120, steps: int = 3) -> GenerationParams:

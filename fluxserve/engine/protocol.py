@@ -15,7 +15,8 @@ from PIL.Image import Image
 
 # After each denoising step: (steps done, steps in all). Raising GenerationCancelled stops the run.
 ProgressCallback = Callable[[int, int], None]
-# A small, cheaply decoded picture of the current latent, just before each progress call.
+# A small, cheaply decoded picture of the current latent, just before some progress calls (every Nth
+# step and the last; the engine's settings choose N).
 PreviewCallback = Callable[[Image], None]
 
 

@@ -109,7 +109,8 @@ class Machine:
 
 def attention_candidates(device: str, capability: tuple[int, int] | None) -> list[str]:
     """What `attention: auto` tries before PyTorch SDPA, fastest first: Flash-Attention 3 (Hopper only),
-    then cuDNN's fused attention through SDPA (Hopper and Ada, where it beats SDPA's own flash kernel)."""
+    then cuDNN's fused attention through SDPA (Hopper and Ada, where it is usually faster than the kernel
+    SDPA picks by itself; the bench's attention column shows which one ran)."""
     if not device.startswith("cuda") or capability is None:
         return []
     names = ["_flash_3"] if capability[0] == 9 else []
