@@ -61,3 +61,17 @@ def redis_url(tmp_path_factory):
         pytest.skip("no Redis on 127.0.0.1:6379 and no redis-server to start")
     yield server.url
     server.kill()
+
+
+# The longest files first: `make test` hands whole files to two processes in collection order, and a
+# long file started last would run alone at the end.
+_LONG_FILES = ("test_fleet.py", "test_speed.py", "test_durability.py", "test_bench.py",
+               "test_jobstore_conformance.py", "test_cli.py", "test_webhooks.py", "test_model_options.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return _LONG_FILES.index(name) if name in _LONG_FILES else len(_LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order within each file is kept

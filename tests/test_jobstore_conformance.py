@@ -25,7 +25,7 @@ from fluxserve.jobs.policy import LeasePolicy
 from fluxserve.jobs.redis import RedisJobStore
 from fluxserve.jobs.sqlite import SqliteJobStore
 
-LEASE = 0.6
+LEASE = 0.4
 
 
 @pytest.fixture(params=["sqlite", "redis"])
