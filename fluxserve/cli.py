@@ -14,17 +14,16 @@ from tqdm import tqdm
 
 from fluxserve.api import create_app
 from fluxserve.api.worker_app import create_worker_app
-from fluxserve.app.access import Access
 from fluxserve.config import Settings
 from fluxserve.contract import RequestError, parse_request
 from fluxserve.encode import encode_image
 from fluxserve.engine import load_engine
 from fluxserve.engine.tiny import save_tiny_model
-from fluxserve.keys_cli import keys_app
+from fluxserve.keys_cli import access_for, keys_app
 from fluxserve.logs import configure_logging
 from fluxserve.remote import generate_remote
 from fluxserve.services import Services
-from fluxserve.stores import REDIS_SCHEMES, open_accounts
+from fluxserve.stores import REDIS_SCHEMES
 
 ModelOption = Annotated[
     str | None, typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")
@@ -54,7 +53,6 @@ def serve(
     ] = 1,
 ) -> None:
     """Start the API (with an embedded worker unless --no-worker / FLUXSERVE_WORKER=false)."""
-
     if auth not in (None, "required", "off", "auto"):
         raise typer.BadParameter("--auth must be required, off or auto")
     flags: dict[str, object] = {"host": host, "port": port, "model": model, "data_dir": data_dir, "worker": worker,
@@ -86,7 +84,6 @@ def worker_command(
     port: Annotated[int | None, typer.Option(help="Port of /health, /ready, /metrics [env FLUXSERVE_PORT]")] = None,
 ) -> None:
     """Claim and run jobs from the shared store (FLUXSERVE_STORE); SIGTERM drains: the job in hand finishes."""
-
     settings = settings_with(worker_concurrency=concurrency, worker_models=models, model=model, host=host,
                              port=port)
     run_http(create_worker_app(settings), settings)
@@ -121,11 +118,8 @@ def multi_process_refusal(settings: Settings, workers: int) -> str | None:
 
 def auth_refusal(settings: Settings) -> str | None:
     """The API's start-up refusal (a reachable bind with no key), checked once before the processes start."""
-    accounts = open_accounts(settings.accounts, settings.store, settings.sqlite_path)
-    try:
-        return Access(settings.accounts, accounts, host=settings.host, data_dir=settings.data_dir).refusal()
-    finally:
-        accounts.close()
+    with access_for(settings) as access:
+        return access.refusal()
 
 
 def api_from_env() -> FastAPI:

@@ -38,7 +38,12 @@ def parse_rate(text: str) -> float:
 @contextmanager
 def open_access(data_dir: Path | None) -> Iterator[Access]:
     """The server's accounts, as `serve` opens them (same settings, same store)."""
-    settings = Settings().with_overrides(data_dir=data_dir)
+    with access_for(Settings().with_overrides(data_dir=data_dir)) as access:
+        yield access
+
+
+@contextmanager
+def access_for(settings: Settings) -> Iterator[Access]:
     store = open_accounts(settings.accounts, settings.store, settings.sqlite_path)
     try:
         yield Access(settings.accounts, store, host=settings.host, data_dir=settings.data_dir)
