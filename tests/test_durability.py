@@ -17,9 +17,9 @@ def test_sigkill_mid_queue_then_restart_completes_every_job(tmp_path, tiny_model
     ids = []
     try:
         with httpx.Client(base_url=first.url, timeout=30) as http:
-            # Big enough that the queue is still full when the process dies.
+            # Long enough (about half a second each here) that the first is mid-run when the process dies.
             for i in range(6):
-                body = {"positivePrompt": f"durable job {i}", "width": 1024, "height": 1024, "steps": 12, "seed": i}
+                body = {"positivePrompt": f"durable job {i}", "width": 512, "height": 512, "steps": 8, "seed": i}
                 response = http.post(f"/v2/{SLUG}", json=body)
                 assert response.status_code == 200
                 ids.append(response.json()["request_id"])
