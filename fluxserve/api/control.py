@@ -14,7 +14,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from fluxserve.api.deps import CallerDep, ServicesDep, base_url
-from fluxserve.app.access import Caller
 from fluxserve.contract import JobState
 from fluxserve.jobs import Job
 from fluxserve.logs import annotate
@@ -51,15 +50,13 @@ async def request_events(
     annotate(job_id=job_id)
     await anyio.to_thread.run_sync(services.results.find, caller, job_id)
     return StreamingResponse(
-        _events(request, services, caller, job_id, preview),
+        _events(request, services, job_id, preview),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _events(
-    request: Request, services: Services, caller: Caller, job_id: str, preview: bool
-) -> AsyncIterator[str]:
+async def _events(request: Request, services: Services, job_id: str, preview: bool) -> AsyncIterator[str]:
     results = services.results
     base = base_url(request, services)
     last: dict[str, Any] | None = None
@@ -73,7 +70,7 @@ async def _events(
             final = _last_progress(job, preview)
             if final is not None and final != last:
                 yield _event("status", final)  # a fast finish must not hide the last step from the stream
-            yield _event(job.state.value.lower(), results.body(caller, job, base))
+            yield _event(job.state.value.lower(), results.body(job, base))
             return
         body = await anyio.to_thread.run_sync(partial(results.status, job, preview=preview))
         if body != last:

@@ -69,7 +69,7 @@ def router(slug: str) -> APIRouter:
             return failed_response(done)
         headers = {"X-Request-Id": done.id, "X-Seed": str(done.params.seed)}
         if done.params.base64:
-            body = {**services.results.body(caller, done, base), "image": base64.b64encode(data).decode("ascii")}
+            body = {**services.results.body(done, base), "image": base64.b64encode(data).decode("ascii")}
             return JSONResponse(body, headers=headers)
         return Response(data, media_type=done.result.media_type, headers=headers)
 

@@ -36,7 +36,7 @@ async def request_result(request: Request, job_id: str, services: ServicesDep, c
         webhook = results.webhook_section(job)
         if job.state is JobState.FAILED:
             return failed_response(job, **webhook)
-        return {**results.body(caller, job, base_url(request, services)), **webhook}
+        return {**results.body(job, base_url(request, services)), **webhook}
 
     return await anyio.to_thread.run_sync(read)
 

@@ -40,10 +40,14 @@ class Results:
 
     def find(self, caller: Caller, job_id: str) -> Job:
         """The job, if the caller may see it."""
+        job = self._live(job_id)
+        self.access.authorize_job(caller, job)
+        return job
+
+    def _live(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
             raise NotFound(f"Request {job_id} not found (unknown or expired)")
-        self.access.authorize_job(caller, job)
         return job
 
     def status(self, job: Job, *, preview: bool = False) -> dict[str, Any]:
@@ -51,8 +55,9 @@ class Results:
         position = self.jobs.queue_position(job.id) if job.state is JobState.QUEUED else None
         return status_body(job, position, preview=preview)
 
-    def body(self, caller: Caller, job: Job, base_url: str) -> dict[str, Any]:
-        """What `GET /v2/requests/{id}` answers (FAILED included), its media link signed for the caller."""
+    def body(self, job: Job, base_url: str) -> dict[str, Any]:
+        """What `GET /v2/requests/{id}` answers (FAILED included), its media link signed when the job was
+        made with a key."""
         return job_body(base_url, job, self.access.media_query(job))
 
     def webhook_section(self, job: Job) -> dict[str, Any]:
@@ -84,12 +89,8 @@ class Results:
     def media(self, output_key: str, query: Mapping[str, str], caller: Callable[[], Caller]) -> Media:
         """A job's image by its key: for whoever holds a live signed link, else for the job's owner."""
         job_id = output_key.partition(".")[0]
-        if self.access.check_media_link(job_id, query):
-            job = self.jobs.get(job_id)
-            if job is None:
-                raise NotFound(f"Request {job_id} not found (unknown or expired)")
-        else:
-            job = self.find(caller(), job_id)
+        signed = self.access.check_media_link(job_id, query)
+        job = self._live(job_id) if signed else self.find(caller(), job_id)
         if job.result is None or job.result.output_key != output_key:
             raise NotFound("Media not found")
         media_type = job.result.media_type
