@@ -110,8 +110,9 @@ def test_deadline_cancels_automatically(http):
     by_header = submit(
         http,
         positivePrompt="deadline by header",
-        width=512,
-        height=512,
+        # Seconds of work (the other job waits behind it): both deadlines pass before either could end.
+        width=1024,
+        height=1024,
         steps=100,
         headers={"Cancel-After": "1s"},
     )
