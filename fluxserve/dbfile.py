@@ -1,60 +1,18 @@
 """One SQLite file in WAL mode: a connection per thread, and write transactions that lock up front.
-
-Also the rule for files at rest, shared by everything that writes into the data dir: directories 0700,
-files 0600, created so (never loosened first and tightened after). A database, secret or directory
-found looser is tightened with a warning.
-"""
+The file and its companions are private (`fluxserve.private_files`)."""
 
 from __future__ import annotations
 
-import logging
-import os
 import sqlite3
-import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from fluxserve.private_files import PRIVATE_FILE, create_private_file, private_dir, tighten
 
-PRIVATE_DIR = 0o700
-PRIVATE_FILE = 0o600
 # The files SQLite keeps beside a database (it creates them with the database file's mode).
 _SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
-
-
-def tighten(path: Path, private: int) -> None:
-    """Take away group and other access from an existing path (with a warning); missing is fine."""
-    try:
-        current = stat.S_IMODE(path.stat().st_mode)
-        if current & 0o077:
-            path.chmod(current & private)
-            log.warning("%s was open to other users (mode %o); tightened to %o", path, current, current & private)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:  # not ours to change: say so, and go on
-        log.warning("%s is open to other users and could not be tightened: %s", path, exc)
-
-
-def private_dir(path: Path, *, tighten_existing: bool = True) -> Path:
-    """The directory, made 0700 if missing (missing parents get the usual mode); an existing one is
-    tightened unless `tighten_existing` is false (a directory the operator chose for other things)."""
-    if path.is_dir():
-        if tighten_existing:
-            tighten(path, PRIVATE_DIR)
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir(mode=PRIVATE_DIR, exist_ok=True)
-    return path
-
-
-def create_private_file(path: Path) -> None:
-    """Make the file empty and 0600 unless it exists (then tighten it)."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
-    except FileExistsError:
-        tighten(path, PRIVATE_FILE)
 
 
 # One writer lock per database file in this process: threads queue here for the write lock instead of

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
 from fluxserve.accounts import Account, AccountStore, ApiKey
-from fluxserve.dbfile import PRIVATE_FILE, private_dir, tighten
+from fluxserve.private_files import private_dir, read_or_create_secret
 
 KEY_PREFIX = "fsk_"
 SECRET_FILE = "auth-secret"
@@ -46,29 +45,10 @@ def server_secret(configured: str | None, data_dir: Path) -> bytes:
     if configured:
         return configured.encode()
     path = data_dir / SECRET_FILE
-    if path.exists():
-        tighten(path, PRIVATE_FILE)
-    else:
-        _create_secret_file(path)
-    secret = path.read_bytes().strip()
+    secret = read_or_create_secret(path, lambda: secrets.token_hex(32)).encode()
     if len(secret) < 32:
         raise RuntimeError(f"{path} holds no usable secret; delete it only if no key was made with it")
     return secret
-
-
-def _create_secret_file(path: Path) -> None:
-    # Written aside then linked into place: link fails if another process won the race, and
-    # nobody ever reads a half-written secret. Created 0600, so it is never readable by others.
-    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
-    with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_hex(32))
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
 
 
 class Keyring:

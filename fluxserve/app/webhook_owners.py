@@ -11,13 +11,12 @@ A job without an owner (keys are off) gets the operator's settings (`webhook_sec
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
 from fluxserve.accounts import AccountStore
 from fluxserve.config import WebhookSettings
-from fluxserve.dbfile import PRIVATE_FILE, private_dir, tighten
+from fluxserve.private_files import PRIVATE_FILE, read_or_create_secret, tighten
 from fluxserve.webhooks.signing import new_secret, secret_bytes
 
 log = logging.getLogger(__name__)
@@ -55,20 +54,5 @@ class OwnerWebhooks:
     def _operator_secret(self) -> str:
         with self._lock:
             if self._secret is None:
-                self._secret = _load_or_create_secret(self.data_dir / SECRET_FILE)
+                self._secret = read_or_create_secret(self.data_dir / SECRET_FILE, new_secret)
             return self._secret
-
-
-def _load_or_create_secret(path: Path) -> str:
-    if path.is_file():
-        return path.read_text().strip()
-    private_dir(path.parent)
-    secret = new_secret()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
-    except FileExistsError:  # another process sharing the data directory was first
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secret + "\n")
-    log.info("webhook signing secret generated in %s (set FLUXSERVE_WEBHOOK_SECRET to choose one)", path)
-    return secret

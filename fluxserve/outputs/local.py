@@ -9,8 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from fluxserve.dbfile import private_dir
 from fluxserve.outputs import CHUNK_BYTES
+from fluxserve.private_files import private_dir
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
