@@ -26,6 +26,7 @@ from fluxserve.jobs import (
     JobResult,
     Lease,
     job_from_record,
+    job_record,
 )
 from fluxserve.jobs.outbox import Delivery, DeliveryLease, DeliveryState
 from fluxserve.jobs.policy import LeasePolicy, idempotency_scope
@@ -124,13 +125,13 @@ class SqliteJobStore:
                 holder = self._idempotency_holder(db, idem_key, idempotency.fingerprint)
                 if holder is not None:
                     return holder
+            record = job_record(job)
             db.execute(
                 """INSERT INTO jobs (id, slug, params, state, created_at, owner, meta,
                                      idem_key, idem_fingerprint)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (job.id, job.slug, json.dumps(job.params.model_dump()), job.state.value, job.created_at,
-                 job.owner, json.dumps(job.meta.to_record()), idem_key,
-                 idempotency.fingerprint if idempotency else None),
+                (job.id, job.slug, json.dumps(record["params"]), record["state"], job.created_at,
+                 job.owner, json.dumps(record["meta"]), idem_key, idempotency.fingerprint if idempotency else None),
             )
             db.executemany(
                 """INSERT INTO deliveries (id, job_id, url, trigger, state, attempts, next_attempt_at)
