@@ -97,12 +97,16 @@ class StoreSettings(Group):
 
     flat_names: ClassVar[dict[str, str]] = {"url": "store"}
 
-    url: str | None = None  # sqlite:///path | redis://host:port/db; unset: the SQLite file under data_dir
-    # Key prefix in Redis (job store and output store), so several deployments can share one server.
+    # sqlite:///path | redis://host:port/db | postgresql://user@host/db; unset: the SQLite file under
+    # data_dir. Redis and PostgreSQL hold everything a fleet shares: jobs, outbox, accounts, secrets, media.
+    url: str | None = None
+    # Key prefix in Redis (every store on it), so several deployments can share one server.
     redis_prefix: str = "fluxserve"
     retention_seconds: float = Field(3600.0, gt=0)
     lease_seconds: float = Field(30.0, gt=0)
     max_attempts: int = Field(3, ge=1)
+    # A job whose worker died is claimable again this long after its lease lapsed, doubled per attempt.
+    reclaim_backoff_seconds: float = Field(30.0, ge=0)
     janitor_interval_seconds: float = Field(30.0, gt=0)
 
 
@@ -166,7 +170,7 @@ class AccountSettings(Group):
     auth: Literal["required", "off", "auto"] = "auto"
     # Secret for key digests and signed media links; unset: made once into data_dir/auth-secret.
     auth_secret: str | None = None
-    store_url: str | None = None  # sqlite:///path; unset: the jobs' SQLite file
+    store_url: str | None = None  # sqlite:///path | redis://... | postgresql://...; unset: the job store
     # The price of one image in credits: per image, plus per megapixel per step (0 makes it free).
     price_per_image: float = Field(1.0, ge=0)
     price_per_megapixel_step: float = Field(0.0, ge=0)

@@ -26,7 +26,8 @@ MEDIA_TTL_MARGIN_SECONDS = 3600
 
 
 def lease_policy(config: StoreSettings) -> LeasePolicy:
-    return LeasePolicy(config.lease_seconds, config.max_attempts, config.retention_seconds)
+    return LeasePolicy(config.lease_seconds, config.max_attempts, config.retention_seconds,
+                       config.reclaim_backoff_seconds)
 
 
 def open_jobs(config: StoreSettings, default_sqlite: Path) -> tuple[JobStore, Outbox]:

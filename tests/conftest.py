@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
 from support.app import wait_status
+from support.postgres import postgres_schema_url
+from support.stores import JOB_BACKENDS, job_store_factory
 from support.faults import faulty_server
 
 # ServerProcess and free_port are re-exported: test modules import them from conftest.
-from support.processes import RedisServer, ServerProcess, free_port, redis_answers
+from support.processes import PostgresServer, RedisServer, ServerProcess, free_port, postgres_answers, redis_answers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,6 +64,45 @@ def redis_url(tmp_path_factory):
         pytest.skip("no Redis on 127.0.0.1:6379 and no redis-server to start")
     yield server.url
     server.kill()
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url():
+    """A PostgreSQL database for this test run: created on the server at 127.0.0.1:5432 when it answers
+    (else on one started here with initdb/pg_ctl), dropped at the end."""
+    import psycopg
+
+    server = None
+    admin_url = "postgresql://postgres@127.0.0.1:5432/postgres"
+    if not postgres_answers(admin_url):
+        try:
+            server = PostgresServer().start()
+        except FileNotFoundError:
+            pytest.skip("no PostgreSQL on 127.0.0.1:5432 and no initdb to start one")
+        admin_url = server.url
+    name = f"fluxserve_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield admin_url.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    if server is not None:
+        server.destroy()
+
+
+@pytest.fixture()
+def postgres_url(postgres_server_url):
+    """A fresh schema of the run's database for one test (as a fresh key prefix is on Redis): the URL
+    selects it through `search_path`, so every process given the URL sees the same tables."""
+    return postgres_schema_url(postgres_server_url)
+
+
+@pytest.fixture(params=JOB_BACKENDS)
+def make_store(request, tmp_path):
+    """A job store factory on each backend (SQLite, Redis, PostgreSQL), for the conformance suites."""
+    make, cleanup = job_store_factory(request.param, request, tmp_path)
+    yield make
+    cleanup()
 
 
 # The longest files first: `make test` hands whole files to two processes in collection order, and a

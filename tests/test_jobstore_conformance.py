@@ -21,35 +21,8 @@ from fluxserve.jobs import (
     new_job_id,
 )
 from fluxserve.jobs.outbox import Delivery, new_delivery_id
-from fluxserve.jobs.policy import LeasePolicy
-from fluxserve.jobs.redis import RedisJobStore
-from fluxserve.jobs.sqlite import SqliteJobStore
 
-LEASE = 0.4
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def make_store(request, tmp_path):
-    """A factory, so a test can open a second handle on the same backend (another 'process')."""
-    opened = []
-    prefix = f"test-{uuid.uuid4().hex[:12]}"  # Redis: a fresh key space per test
-
-    def make(**overrides):
-        policy = LeasePolicy(**({"lease_seconds": LEASE, "max_attempts": 2, "retention_seconds": 30.0} | overrides))
-        if request.param == "sqlite":
-            store = SqliteJobStore(tmp_path / "jobs.sqlite3", policy)
-        elif request.param == "redis":
-            store = RedisJobStore.from_url(request.getfixturevalue("redis_url"), prefix=prefix, policy=policy)
-        opened.append(store)
-        return store
-
-    yield make
-    if request.param == "redis" and opened:
-        client = opened[0].client
-        for key in client.scan_iter(f"{prefix}:*", count=500):
-            client.delete(key)
-    for store in opened:
-        store.close()
+from support.stores import LEASE
 
 
 @pytest.fixture()

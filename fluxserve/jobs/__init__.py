@@ -173,8 +173,14 @@ class JobStore(Protocol):
         """How many QUEUED jobs of the same slug are ahead of this one (0 = next); None unless QUEUED."""
         ...
 
-    def claim(self, worker_id: str, slugs: list[str] | None = None) -> tuple[Job, Lease] | None:
-        """Take the oldest runnable job (QUEUED, or PROCESSING with a lapsed lease) and lease it."""
+    def claim(
+        self, worker_id: str, slugs: list[str] | None = None, *, token: str | None = None
+    ) -> tuple[Job, Lease] | None:
+        """Take the oldest runnable job (QUEUED, or PROCESSING whose lease lapsed at least
+        `policy.reclaim_delay(attempts)` ago) and lease it under `token` (default: a new
+        `policy.new_token(worker_id)`). Safe to retry: when a job is already leased under `token`
+        (the first call ran but its reply was lost), return that job, with no second lease and no
+        attempt burned. A lapsed job that already had `max_attempts` claims ends FAILED instead."""
         ...
 
     def wait_for_work(self, slugs: list[str] | None, timeout: float) -> None:
@@ -187,11 +193,13 @@ class JobStore(Protocol):
         ...
 
     def complete(self, lease: Lease, result: JobResult) -> bool:
-        """PROCESSING → COMPLETED; False (and no change) when the lease is stale."""
+        """PROCESSING → COMPLETED; False (and no change) when the lease is stale. Safe to retry: True
+        again when the job already ended COMPLETED under this lease."""
         ...
 
     def fail(self, lease: Lease, error: str) -> bool:
-        """PROCESSING → FAILED; False (and no change) when the lease is stale."""
+        """PROCESSING → FAILED; False (and no change) when the lease is stale. Safe to retry: True
+        again when the job already ended FAILED under this lease."""
         ...
 
     def report_progress(self, lease: Lease, progress: dict[str, Any]) -> bool:

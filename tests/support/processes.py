@@ -165,3 +165,68 @@ def api_replica(log_path: Path, env: dict[str, str]) -> FluxserveProcess:
 
 def worker(log_path: Path, env: dict[str, str], *options: str) -> FluxserveProcess:
     return FluxserveProcess(["worker", *options], log_path, env)
+
+
+def postgres_answers(url: str) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def postgres_bin() -> Path | None:
+    """Debian installs initdb/pg_ctl under /usr/lib/postgresql/<version>/bin only; the newest one."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+class PostgresServer:
+    """A private PostgreSQL (initdb + pg_ctl) on a free port, in its own temp dir; it can be stopped and
+    started again (the outage drills) and is removed at `destroy`. As root it runs as `postgres`."""
+
+    def __init__(self, port: int | None = None) -> None:
+        import tempfile
+
+        bin_dir = postgres_bin()
+        if bin_dir is None:
+            raise FileNotFoundError("PostgreSQL's initdb is not installed")
+        self.bin = bin_dir
+        self.port = port or free_port()
+        # Not under pytest's tmp dir: its mode-700 parents would keep the `postgres` user out.
+        self.root = Path(tempfile.mkdtemp(prefix="fluxserve-pg-"))
+        self.data = self.root / "data"
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.root, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.bin / tool), *args]
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stdout}\n{done.stderr}")
+
+    def start(self) -> PostgresServer:
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.data / "server.log"), "-o", options, "-w", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        try:
+            self.stop("immediate")
+        except RuntimeError:
+            pass  # already stopped
+        shutil.rmtree(self.root, ignore_errors=True)
