@@ -1,4 +1,9 @@
-# fluxserve on a GPU host: one image for the API replicas (`serve --no-worker`) and the workers.
+# fluxserve on a GPU host: one image for every role of the fleet (compose.yaml):
+#   fluxserve serve --no-worker   an API replica
+#   fluxserve worker              a GPU worker
+#   fluxserve migrate             the store's schema (PostgreSQL), once before the others start
+#   fluxserve keys ...            API keys and accounts, e.g. `docker compose run --rm api keys create ...`
+# Build:
 #   docker build -t fluxserve .
 #   docker build --build-arg TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>" -t fluxserve .
 # The default TORCH_SPEC installs PyPI's torch 2.13.0 (CUDA build on Linux x86_64).
@@ -8,6 +13,7 @@ FROM ${BASE_IMAGE}
 ARG TORCH_SPEC="torch==2.13.0"
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/models/hf \
     FLUXSERVE_HOST=0.0.0.0 \
     FLUXSERVE_DATA_DIR=/data \
@@ -21,11 +27,32 @@ RUN apt-get update \
     && pip install ${TORCH_SPEC}
 
 WORKDIR /app
+# The dependencies first, from pyproject.toml alone (an empty package stands in for the code), so a
+# change to the code rebuilds only the last layers.
 COPY pyproject.toml README.md ./
+RUN mkdir fluxserve && touch fluxserve/__init__.py \
+    && pip install . \
+    && pip uninstall -y fluxserve \
+    && rm -rf fluxserve build *.egg-info
 COPY fluxserve ./fluxserve
-RUN pip install .
+# Then the code, checked from outside the source tree (which is removed: what runs is what pip
+# installed). The built-in moderation blocklist is a data file that the package data does not list (so
+# a wheel lacks it): it is put beside its module. Every command the fleet runs must be there.
+RUN pip install --no-deps . \
+    && moderation=$(cd / && python3 -c "import fluxserve.moderation as m, os; print(os.path.dirname(m.__file__))") \
+    && { test -f "$moderation/blocklist.txt" || cp fluxserve/moderation/blocklist.txt "$moderation/"; } \
+    && rm -rf build *.egg-info fluxserve \
+    && cd / \
+    && python3 -c "from fluxserve.moderation.policy import PromptPolicy; PromptPolicy.from_file()" \
+    && fluxserve --help >/dev/null \
+    && fluxserve serve --help >/dev/null \
+    && fluxserve worker --help >/dev/null \
+    && fluxserve migrate --help >/dev/null \
+    && fluxserve keys --help >/dev/null
 
-# Unprivileged at run time; /data (embedded SQLite + outputs) and /models (HF cache) are volumes.
+# Unprivileged at run time. With a shared store (FLUXSERVE_STORE=redis://... or postgresql://...) the
+# jobs, keys, secrets and images live there: /data holds only this container's own files (compile
+# cache; the SQLite store and images when run alone). /models is the Hugging Face cache.
 RUN useradd --create-home --uid 10001 fluxserve && mkdir -p /data /models && chown fluxserve /data /models
 USER fluxserve
 VOLUME ["/data", "/models"]

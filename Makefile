@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Two test processes (one per core); each test file runs whole in one of them.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: run test check clean browser
+.PHONY: run test check clean browser postgres redis
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/fluxserve serve
 
-test: check browser
+test: check browser postgres redis
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Static checks: ruff's rule set and mypy (both configured in pyproject.toml).
@@ -32,6 +32,21 @@ check: $(BIN)/.installed
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 		|| echo "chromium could not be installed: the browser test will be skipped"
+
+# PostgreSQL for the PostgreSQL stores' tests: they use the server on 127.0.0.1:5432 when it answers,
+# else start a private one with Debian's initdb/pg_ctl (and skip, saying why, when neither is there).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null \
+		|| (echo "no PostgreSQL for the tests: installing Debian's postgresql" && apt-get update -qq \
+			&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) \
+		|| echo "postgresql could not be installed: the PostgreSQL tests will be skipped"
+
+# Redis for the Redis stores' tests: the server on 127.0.0.1:6379 when it answers, else one they start.
+redis:
+	@command -v redis-server >/dev/null \
+		|| (echo "no redis-server for the tests: installing Debian's redis-server" && apt-get update -qq \
+			&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
+		|| echo "redis-server could not be installed: the Redis tests will be skipped"
 
 clean:
 	rm -rf $(VENV) .fluxserve .pytest_cache

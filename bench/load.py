@@ -1,4 +1,4 @@
-"""Load through a real fleet: two API replicas, two workers, for SQLite and Redis side by side.
+"""Load through a real fleet: two API replicas, two workers, for SQLite, Redis and PostgreSQL side by side.
 
     .venv/bin/python bench/load.py --clients 8 --seconds 20               # closed loop (the default)
     .venv/bin/python bench/load.py --rate 100 --seconds 20                # open loop: 100 submits/s
@@ -23,7 +23,9 @@ by the accepted submits; in the closed loop it includes the clients' status poll
 By default the workers run a FAKE engine that sleeps (`--engine fake-sleep:0.05`) and returns a flat
 image: the figures measure the queue, the API and the stores, not a model. `--engine tiny` runs the
 real diffusers pipeline on the tiny random-weight model (128x128, 2 steps) instead.
-Everything runs on 127.0.0.1; Redis is a redis-server this script starts (append-only, fsync always).
+Everything runs on 127.0.0.1: Redis is a redis-server this script starts (append-only, fsync always),
+PostgreSQL a private server it starts with initdb/pg_ctl (fsync off: it measures the code, not the disk).
+With Redis or PostgreSQL the processes share nothing but the store URL (each has its own data dir).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import httpx
 
 # The process helpers live with the tests (they are not part of the package).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from support.processes import RedisServer, api_replica, worker
+from support.processes import PostgresServer, RedisServer, api_replica, worker
 
 SLUG = "juggernaut-pro-flux"
 BODY = {"positivePrompt": "load", "width": 128, "height": 128, "steps": 2}
@@ -201,12 +203,19 @@ def fleet(backend: str, args: argparse.Namespace, root: Path, model: str) -> Ite
     """Two API replicas and two workers on `backend`, ready; yields the replicas."""
     env = {"FLUXSERVE_MODEL": model, "FLUXSERVE_DATA_DIR": str(root / "data"), "FLUXSERVE_LOG_LEVEL": "WARNING",
            "FLUXSERVE_WORKER_CONCURRENCY": str(args.concurrency), "HF_HUB_OFFLINE": "1"}
-    redis = None
+    server: RedisServer | PostgresServer | None = None
     if backend == "redis":
-        redis = RedisServer(root / "redis").start()
-        env |= {"FLUXSERVE_STORE": redis.url, "FLUXSERVE_OUTPUT_STORE": redis.url}
-    processes = [api_replica(root / f"api{i}.log", env) for i in range(2)]
-    processes += [worker(root / f"worker{i}.log", env) for i in range(2)]
+        server = RedisServer(root / "redis").start()
+    elif backend == "postgres":
+        server = PostgresServer().start()
+    if server is not None:
+        env["FLUXSERVE_STORE"] = server.url
+    processes = []
+    for role, count in (("api", 2), ("worker", 2)):
+        for i in range(count):
+            # A fleet on a shared store shares nothing else: each process has its own data dir.
+            own = env | {"FLUXSERVE_DATA_DIR": str(root / f"{role}{i}")} if server is not None else env
+            processes.append((api_replica if role == "api" else worker)(root / f"{role}{i}.log", own))
     try:
         for process in processes:
             process.start()
@@ -216,8 +225,10 @@ def fleet(backend: str, args: argparse.Namespace, root: Path, model: str) -> Ite
     finally:
         for process in processes:
             process.terminate(timeout=30)
-        if redis is not None:
-            redis.kill()
+        if isinstance(server, RedisServer):
+            server.kill()
+        elif server is not None:
+            server.destroy()
 
 
 def run_backend(backend: str, args: argparse.Namespace, root: Path, model: str) -> dict:
@@ -264,7 +275,8 @@ def main() -> int:
                         help="at most this long to wait for the accepted jobs to end")
     parser.add_argument("--engine", default="fake-sleep:0.05", help="fake-sleep:SECONDS (default) or tiny")
     parser.add_argument("--concurrency", type=int, default=1, help="jobs each worker runs side by side")
-    parser.add_argument("--backends", default="sqlite,redis", help="comma-separated: sqlite, redis")
+    parser.add_argument("--backends", default="sqlite,redis,postgres",
+                        help="comma-separated: sqlite, redis, postgres")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fluxserve-load-") as tmp:

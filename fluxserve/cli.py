@@ -1,4 +1,4 @@
-"""`fluxserve serve | worker | tiny-model | generate`."""
+"""`fluxserve serve | worker | migrate | keys | tiny-model | generate`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from fluxserve.keys_cli import access_for, keys_app
 from fluxserve.logs import configure_logging
 from fluxserve.remote import generate_remote
 from fluxserve.services import Services
-from fluxserve.stores import REDIS_SCHEMES
+from fluxserve.stores import describe, is_shared, migrate_all
 
 ModelOption = Annotated[
     str | None, typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")
@@ -89,6 +89,20 @@ def worker_command(
     run_http(create_worker_app(settings), settings)
 
 
+@app.command()
+def migrate(
+    data_dir: Annotated[Path | None, typer.Option(help="The SQLite default's dir [env FLUXSERVE_DATA_DIR]")] = None,
+) -> None:
+    """Create or upgrade the store's schema (PostgreSQL; SQLite and Redis need none). Safe to run from
+    many processes at once; `serve` and `worker` also run it when they start."""
+    settings = settings_with(data_dir=data_dir)
+    applied = migrate_all(settings)
+    for component, versions in applied.items():
+        state = f"applied {', '.join(map(str, versions))}" if versions else "up to date"
+        typer.echo(f"{component}: {state}")
+    typer.echo(f"schema ready on the {describe(settings.store.url, settings.sqlite_path)}")
+
+
 def serve_processes(settings: Settings, flags: dict[str, object], workers: int) -> None:
     """`serve --workers N`: N API processes on one port (uvicorn's supervisor), each built by
     `api_from_env` from the environment, where the flags given here are passed on."""
@@ -105,10 +119,11 @@ def serve_processes(settings: Settings, flags: dict[str, object], workers: int) 
 
 
 def multi_process_refusal(settings: Settings, workers: int) -> str | None:
-    if not (settings.store.url or "").startswith(REDIS_SCHEMES):
-        return (f"Refusing --workers {workers}: API processes on one port need a shared Redis job store "
-                "(FLUXSERVE_STORE=redis://host:port/db); on the SQLite file they would queue on its one write "
-                "lock and see each other's jobs only by polling. Run one process, or point the store at Redis.")
+    if not is_shared(settings.store.url):
+        return (f"Refusing --workers {workers}: API processes on one port need a shared store "
+                "(FLUXSERVE_STORE=redis://host:port/db or postgresql://user@host/db); on the SQLite file they "
+                "would queue on its one write lock and see each other's jobs only by polling. Run one process, "
+                "or point the store at Redis or PostgreSQL.")
     if settings.worker.embedded:
         return (f"Refusing --workers {workers} with an embedded worker: each process would load its own copy "
                 "of the model and run jobs on the same GPU. Pass --no-worker (FLUXSERVE_WORKER=false) and run "

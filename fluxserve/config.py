@@ -148,7 +148,7 @@ class WorkerSettings(Group):
 class WebhookSettings(Group):
     env_prefix: ClassVar[str] = "webhook_"
 
-    # The Standard Webhooks signing secret (whsec_…); unset: generated once into data_dir/webhook-secret.
+    # The Standard Webhooks signing secret (whsec_…); unset: made once in the accounts store, shared by the fleet.
     secret: str | None = None
     default_url: str | None = None  # for requests that name no webhook
     # Allow loopback/private/link-local webhook targets (off: such targets are refused, against SSRF).
@@ -168,7 +168,7 @@ class AccountSettings(Group):
 
     # auto: keys are required once any key exists or the bind is not loopback; off: never (logged).
     auth: Literal["required", "off", "auto"] = "auto"
-    # Secret for key digests and signed media links; unset: made once into data_dir/auth-secret.
+    # Secret for key digests and signed media links; unset: made once in the accounts store, shared by the fleet.
     auth_secret: str | None = None
     store_url: str | None = None  # sqlite:///path | redis://... | postgresql://...; unset: the job store
     # The price of one image in credits: per image, plus per megapixel per step (0 makes it free).

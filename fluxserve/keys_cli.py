@@ -18,7 +18,7 @@ from fluxserve.accounts.keys import key_id_of
 from fluxserve.accounts.money import to_credits, to_micros
 from fluxserve.app.access import Access
 from fluxserve.config import Settings
-from fluxserve.stores import open_accounts
+from fluxserve.stores import describe, open_accounts
 from fluxserve.webhooks.targets import WebhookTargetError, check_url
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys, accounts and credits.")
@@ -37,8 +37,12 @@ def parse_rate(text: str) -> float:
 
 @contextmanager
 def open_access(data_dir: Path | None) -> Iterator[Access]:
-    """The server's accounts, as `serve` opens them (same settings, same store)."""
-    with access_for(Settings().with_overrides(data_dir=data_dir)) as access:
+    """The server's accounts, as `serve` opens them (same settings, same store), saying which store:
+    with a shared store no data dir is needed; with the SQLite default it is the data dir `serve` uses."""
+    settings = Settings().with_overrides(data_dir=data_dir)
+    typer.echo(f"accounts: {describe(settings.accounts.store_url or settings.store.url, settings.sqlite_path)}",
+               err=True)
+    with access_for(settings) as access:
         yield access
 
 

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
+
+
 def tighten(path: Path, private: int) -> None:
     """Take away group and other access from an existing path (with a warning); missing is fine."""
     try:
@@ -68,3 +70,12 @@ def read_or_create_secret(path: Path, new: Callable[[], str]) -> str:
         finally:
             tmp.unlink()
     return path.read_text().strip()
+
+
+def read_secret(path: Path) -> str | None:
+    """The secret kept in `path` (tightened to 0600 if it was looser), or None when there is none."""
+    try:
+        tighten(path, PRIVATE_FILE)
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None

@@ -21,7 +21,7 @@ from fluxserve.config import Settings
 from fluxserve.engine import Engine, load_engine
 from fluxserve.metrics import Metrics
 from fluxserve.moderation import load_moderation
-from fluxserve.stores import open_all
+from fluxserve.stores import describe, open_all
 from fluxserve.webhooks.delivery import WebhookSender
 from fluxserve.worker import Worker
 
@@ -90,6 +90,9 @@ class Services:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        store, sqlite = self.settings.store.url, self.settings.sqlite_path
+        log.info("shared state: jobs on the %s; accounts on the %s", describe(store, sqlite),
+                 describe(self.settings.accounts.store_url or store, sqlite))
         if self.demo:
             log.warning("=" * 20 + " DEMO MODE " + "=" * 20)
             log.warning(DEMO_WARNING)

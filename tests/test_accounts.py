@@ -1,30 +1,33 @@
-"""The accounts layer on a real SQLite file: money moves exactly once, limits hold across processes
-sharing the file, keys exist only as digests, and the auth mode decides who may start open."""
+"""The accounts layer around the store: billing settles every job once (sweeps, retries), keys exist only
+as digests under the deployment's server secret (made once in the account store, or taken over from the
+file an older server kept it in), the operator's webhook secret likewise, and the auth mode decides who
+may start open. What every account store promises is tests/test_account_store_conformance.py."""
 
 from __future__ import annotations
 
-import sqlite3
-import threading
+import secrets
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from fluxserve.accounts import NotEnoughCredits, TooManyInFlight
-from fluxserve.accounts.keys import KeyRejected
+from fluxserve.accounts.keys import KeyRejected, Keyring
 from fluxserve.accounts.money import price, to_credits, to_micros
 from fluxserve.accounts.sqlite import SqliteAccountStore
 from fluxserve.app.access import Access, is_loopback
 from fluxserve.app.billing import Billing
-from fluxserve.config import AccountSettings, Settings
+from fluxserve.app.webhook_owners import OwnerWebhooks
+from fluxserve.config import AccountSettings, Settings, WebhookSettings
 from fluxserve.contract import GenerateRequest
 from fluxserve.jobs import Job, JobResult, new_job_id
 from fluxserve.jobs.policy import LeasePolicy
 from fluxserve.jobs.sqlite import SqliteJobStore
+from fluxserve.webhooks.signing import new_secret, secret_bytes
 
-from support.accounts import create_key
+from support.accounts import assert_ledger_consistent, create_key, open_account_store
 
 CREDIT = to_micros(1)
 
@@ -53,116 +56,6 @@ def store(tmp_path):
 def new_account(store, name="alice", credits=10, rate=0.0, in_flight=0, models=None):
     return store.create_account(name, credits=to_micros(credits), rate_per_minute=rate, max_in_flight=in_flight,
                                 models=models)
-
-
-def assert_ledger_consistent(store, account_id):
-    """Replaying the ledger gives the account's balance and reserved amount, row by row."""
-    balance = reserved = 0
-    for entry in store.ledger(account_id):
-        balance += entry.amount
-        reserved += entry.reserved_change
-        assert (entry.balance_after, entry.reserved_after) == (balance, reserved)
-    account = store.get_account(account_id)
-    assert (account.balance, account.reserved) == (balance, reserved)
-    assert reserved == sum(r.amount for r in store.open_reservations() if r.account_id == account_id)
-
-
-def test_reserve_charge_release_and_the_ledger(store):
-    account = new_account(store, credits=3)
-    store.add_key("k1", account.id, "digest")
-    store.reserve("job-a", account.id, "k1", CREDIT)
-    store.reserve("job-b", account.id, "k1", CREDIT)
-    assert store.get_account(account.id).available == CREDIT
-    assert store.settle("job-a", charge=True)
-    assert store.settle("job-b", charge=False)
-    after = store.get_account(account.id)
-    assert (after.balance, after.reserved) == (2 * CREDIT, 0)
-    assert [e.kind for e in store.ledger(account.id)] == ["credit", "reserve", "reserve", "charge", "release"]
-    assert_ledger_consistent(store, account.id)
-
-
-def test_settling_twice_or_reserving_twice_moves_money_once(store):
-    account = new_account(store, credits=2)
-    store.add_key("k1", account.id, "digest")
-    first = store.reserve("job", account.id, "k1", CREDIT)
-    assert store.reserve("job", account.id, "k1", CREDIT) == first  # the same job: no second hold
-    assert store.get_account(account.id).reserved == CREDIT
-    assert store.settle("job", charge=True)
-    assert not store.settle("job", charge=True)
-    assert not store.settle("job", charge=False)
-    assert store.get_account(account.id).balance == CREDIT
-    assert_ledger_consistent(store, account.id)
-
-
-def test_not_enough_credits_and_too_many_in_flight(store):
-    account = new_account(store, credits=1.5, in_flight=2)
-    store.add_key("k1", account.id, "digest")
-    store.reserve("a", account.id, "k1", CREDIT)
-    with pytest.raises(NotEnoughCredits) as exc:
-        store.reserve("b", account.id, "k1", CREDIT)
-    assert exc.value.available == to_micros(0.5)
-    store.reserve("b", account.id, "k1", 0)
-    with pytest.raises(TooManyInFlight):
-        store.reserve("c", account.id, "k1", 0)
-    store.settle("a", charge=False)
-    store.reserve("c", account.id, "k1", 0)
-    assert store.in_flight("k1") == 2
-
-
-def test_the_schema_refuses_negative_balances_and_ledger_edits(store):
-    account = new_account(store, credits=1)
-    db = sqlite3.connect(store.file.path)
-    with pytest.raises(sqlite3.IntegrityError):
-        db.execute("UPDATE accounts SET balance = -1 WHERE id = ?", (account.id,))
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        db.execute("UPDATE ledger SET amount = 0")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        db.execute("DELETE FROM ledger")
-    db.close()
-
-
-def test_concurrent_reservations_from_two_processes_never_overspend(tmp_path):
-    """Two stores on one file stand for two API processes; 120 racing reservations, credits for 30."""
-    path = tmp_path / "jobs.sqlite3"
-    stores = [SqliteAccountStore(path), SqliteAccountStore(path)]
-    account = new_account(stores[0], credits=30)
-    stores[0].add_key("k1", account.id, "digest")
-    accepted, refused = [], []
-
-    def submit(i: int) -> None:
-        try:
-            stores[i % 2].reserve(f"job-{i}", account.id, "k1", CREDIT)
-            accepted.append(i)
-        except NotEnoughCredits:
-            refused.append(i)
-
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(120)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert (len(accepted), len(refused)) == (30, 90)
-    for i in accepted:
-        stores[i % 2].settle(f"job-{i}", charge=True)
-        stores[(i + 1) % 2].settle(f"job-{i}", charge=True)  # the other process settles too: no effect
-    final = stores[1].get_account(account.id)
-    assert (final.balance, final.reserved) == (0, 0)
-    assert_ledger_consistent(stores[0], account.id)
-    for s in stores:
-        s.close()
-
-
-def test_rate_limit_is_shared_by_processes_on_one_store(tmp_path):
-    path = tmp_path / "jobs.sqlite3"
-    first, second = SqliteAccountStore(path), SqliteAccountStore(path)
-    # 3 per minute: a burst of 3, then one every 20 s, whichever process the requests reach.
-    assert [first.take_token("key:a", 3), second.take_token("key:a", 3), first.take_token("key:a", 3)] == [0, 0, 0]
-    wait = second.take_token("key:a", 3)
-    assert 19 < wait <= 20
-    assert 19 < first.take_token("key:a", 3) <= 20  # a refused request does not push the wait further
-    assert second.take_token("key:b", 3) == 0  # buckets are per key
-    first.close()
-    second.close()
 
 
 def test_sweep_settles_jobs_the_worker_never_settled(tmp_path):
@@ -200,7 +93,7 @@ def test_sweep_settles_jobs_the_worker_never_settled(tmp_path):
 def test_a_retried_job_is_charged_once(tmp_path):
     """Attempt 1's lease lapses mid-run, attempt 2 completes; the stale worker's transitions fail,
     and however many settle calls follow (worker, v1 waiter, sweep), one charge is made."""
-    jobs = SqliteJobStore(tmp_path / "jobs.sqlite3", LeasePolicy(lease_seconds=0.05))
+    jobs = SqliteJobStore(tmp_path / "jobs.sqlite3", LeasePolicy(lease_seconds=0.05, reclaim_backoff_seconds=0.0))
     accounts = SqliteAccountStore(tmp_path / "jobs.sqlite3")
     account = new_account(accounts, credits=1)
     accounts.add_key("k1", account.id, "digest")
@@ -232,12 +125,87 @@ def test_keys_are_digests_under_the_server_secret(tmp_path):
         assert access.store.revoke_key(record.id)
         with pytest.raises(KeyRejected, match="revoked"):
             access.keyring.authenticate(key)
-    # The secret lives in the data dir (owner-only); another secret makes every key invalid.
-    assert (tmp_path / "auth-secret").stat().st_mode & 0o077 == 0
+    # The secret lives in the account store, made once: the next process reads the same one.
+    assert not (tmp_path / "auth-secret").exists()
+    with open_access(tmp_path) as again, pytest.raises(KeyRejected, match="revoked"):  # found, not "Invalid"
+        again.keyring.authenticate(key)
+    # A configured secret wins over the store's, and another secret makes every key invalid.
     with open_access(tmp_path, auth_secret="x" * 40) as other, pytest.raises(KeyRejected):
         other.keyring.authenticate(key)
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("jobs.sqlite3*"))
     assert key.encode() not in raw and key.split("_", 2)[2].encode() not in raw
+
+
+def test_keys_made_under_the_old_secret_file_stay_valid(tmp_path):
+    """A data dir from before the store kept the secret: its `auth-secret` file seeds the store."""
+    old_secret = secrets.token_hex(32)
+    (tmp_path / "auth-secret").write_text(old_secret + "\n")
+    (tmp_path / "auth-secret").chmod(0o644)
+    with SqliteAccountStore(tmp_path / "jobs.sqlite3") as store:  # the old server issued this key
+        _, key = Keyring(store, old_secret.encode()).issue(new_account(store).id)
+    with open_access(tmp_path) as access:
+        assert access.keyring.authenticate(key)[0].name == "alice"
+        assert access.store.shared_secret("auth-secret") == old_secret
+    assert (tmp_path / "auth-secret").stat().st_mode & 0o077 == 0  # and the file is tightened
+    (tmp_path / "auth-secret").unlink()  # once in the store, the file is no longer needed
+    with open_access(tmp_path) as access:
+        assert access.keyring.authenticate(key)[0].name == "alice"
+
+
+def test_an_unusable_old_secret_file_is_refused(tmp_path):
+    (tmp_path / "auth-secret").write_text("short\n")
+    with pytest.raises(RuntimeError, match="no usable secret"), open_access(tmp_path):
+        pass
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+def test_hosts_sharing_a_store_share_the_secrets(request, tmp_path, backend):
+    """Two hosts (their own data dirs) on one Redis or PostgreSQL: a key made through one is valid on
+    the other, a media link signed by one verifies on the other, and both sign operator webhooks alike."""
+    where = request.getfixturevalue(f"{backend}_url")
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    stores = [open_account_store(backend, where, prefix) for _ in range(2)]
+    try:
+        hosts = [Access(AccountSettings(), store, host="127.0.0.1", data_dir=tmp_path / f"host-{n}")
+                 for n, store in enumerate(stores)]
+        _, key = hosts[0].keyring.issue(new_account(stores[0]).id)
+        assert hosts[1].keyring.authenticate(key)[0].name == "alice"
+        assert hosts[1].keyring.verify("media:x", hosts[0].keyring.sign("media:x"))
+        webhooks = [OwnerWebhooks(WebhookSettings(), store, tmp_path / f"host-{n}") for n, store in enumerate(stores)]
+        assert webhooks[0].secret(None) == webhooks[1].secret(None)
+        secret_bytes(webhooks[0].secret(None))
+        assert not list(tmp_path.glob("host-*/*-secret"))  # nothing kept per host
+    finally:
+        if backend == "redis":
+            for redis_key in stores[0].client.scan_iter(f"{prefix}:*"):  # type: ignore[attr-defined]
+                stores[0].client.delete(redis_key)  # type: ignore[attr-defined]
+        for store in stores:
+            store.close()
+
+
+def test_the_operators_webhook_secret(tmp_path):
+    """Unset: one Standard Webhooks secret for the deployment, made once in the account store (an old
+    data dir's `webhook-secret` file seeds it); configured: that one."""
+    path = tmp_path / "jobs.sqlite3"
+    with SqliteAccountStore(path) as first, SqliteAccountStore(path) as second:
+        made = OwnerWebhooks(WebhookSettings(), first, tmp_path).secret(None)
+        secret_bytes(made)
+        assert OwnerWebhooks(WebhookSettings(), second, tmp_path).secret(None) == made
+        assert not (tmp_path / "webhook-secret").exists()
+        configured = new_secret()
+        assert OwnerWebhooks(WebhookSettings(secret=configured), first, tmp_path).secret(None) == configured
+        # An account's own secret signs its jobs; an unknown owner falls back to the operator's.
+        alice = new_account(first)
+        assert OwnerWebhooks(WebhookSettings(), first, tmp_path).secret(alice.id) == alice.webhook_secret
+        assert OwnerWebhooks(WebhookSettings(), first, tmp_path).secret("gone") == made
+
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    old_secret = new_secret()
+    (old_dir / "webhook-secret").write_text(old_secret + "\n")
+    with SqliteAccountStore(old_dir / "jobs.sqlite3") as store:
+        assert OwnerWebhooks(WebhookSettings(), store, old_dir).secret(None) == old_secret
+        assert store.shared_secret("webhook-secret") == old_secret
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from support.processes import ServerProcess
 
 
 def test_sigkill_mid_queue_then_restart_completes_every_job(tmp_path, tiny_model):
-    env = {"FLUXSERVE_MODEL": str(tiny_model), "FLUXSERVE_LEASE_SECONDS": "2"}
+    env = {"FLUXSERVE_MODEL": str(tiny_model), "FLUXSERVE_LEASE_SECONDS": "2", "FLUXSERVE_RECLAIM_BACKOFF_SECONDS": "0"}
     data = tmp_path / "data"
     first = ServerProcess(data, env=env).start()
     ids = []

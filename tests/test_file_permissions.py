@@ -35,7 +35,8 @@ def close(services: Services) -> None:
 
 
 def use(services: Services) -> None:
-    """What a running server does to its data dir: a job written (the WAL), both secrets, one image."""
+    """What a running server does to its data dir: a job written (the WAL), both secrets (in the database), one
+    image."""
     services.jobs.submit(Job(id=new_job_id(), slug="m", params=GenerateRequest(positivePrompt="a cat")))
     services.webhook_owners.secret(None)
     services.outputs.put("x.png", b"\x89PNG not really")
@@ -46,8 +47,6 @@ EXPECTED = {
     "jobs.sqlite3": 0o600,
     "jobs.sqlite3-wal": 0o600,
     "jobs.sqlite3-shm": 0o600,
-    "auth-secret": 0o600,
-    "webhook-secret": 0o600,
     "outputs": 0o700,
     "outputs/x.png": 0o600,
 }

@@ -34,6 +34,7 @@ class Fleet:
             "FLUXSERVE_MODEL": str(tiny_model),
             "FLUXSERVE_DATA_DIR": str(root / "data"),  # the SQLite file and its outputs, shared on this host
             "FLUXSERVE_LEASE_SECONDS": LEASE_SECONDS,
+            "FLUXSERVE_RECLAIM_BACKOFF_SECONDS": "0",  # a killed worker's job runs again once its lease lapses
             "FLUXSERVE_LOG_FORMAT": "json",
         }
         self.redis = None

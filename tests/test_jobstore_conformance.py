@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -71,11 +70,12 @@ def test_lifecycle_queued_processing_completed(store):
     done = store.get(job.id)
     assert done.state is JobState.COMPLETED and done.result == result("k")
     assert done.finished_at >= done.created_at and done.expires_at > done.finished_at
-    # Terminal is terminal: nothing moves it again.
+    # Terminal is terminal: nothing moves it again (a repeated complete answers True, and changes nothing).
     assert not store.fail(lease, "late")
-    assert not store.complete(lease, result())
+    assert store.complete(lease, result("other"))
     assert not store.heartbeat(lease)
     assert store.claim("w2") is None
+    assert store.get(job.id) == done
 
 
 def test_failed_keeps_its_error(store):
@@ -142,6 +142,136 @@ def test_retry_budget_ends_failed(store):
     assert store.claim("w") is None
     failed = store.get(job.id)
     assert failed.state is JobState.FAILED and "stopped responding" in failed.error
+
+
+# -- retried calls: a transition whose reply was lost is sent again -----------------------------------
+
+
+def test_retried_claim_with_the_same_token_returns_the_same_job(store):
+    job = submit(store, i=1)
+    other = submit(store, i=2)
+    token = "w1:retried-claim"
+    first, lease = store.claim("w1", token=token)
+    again, same = store.claim("w1", token=token)
+    assert (first.id, again.id, lease, same) == (job.id, job.id, Lease(job.id, token), Lease(job.id, token))
+    assert again.attempts == 1 and store.get(job.id).attempts == 1
+    assert again.lease_expires_at == pytest.approx(first.lease_expires_at)  # no second lease
+    # No other job was leased by the repeat: the next claim gets the second job.
+    assert store.get(other.id).state is JobState.QUEUED and store.queue_position(other.id) == 0
+    assert {state: n for state, n in store.count_by_state().items() if n} == {"QUEUED": 1, "PROCESSING": 1}
+    assert store.claim("w2")[0].id == other.id
+    assert store.complete(same, result())
+    assert store.get(job.id).state is JobState.COMPLETED
+
+
+def test_claim_with_a_token_leases_under_it(store):
+    job = submit(store)
+    claimed, lease = store.claim("w", token="w:chosen")
+    assert lease == Lease(job.id, "w:chosen") and claimed.lease_token == "w:chosen"
+    assert store.heartbeat(lease) and store.complete(lease, result())
+    assert store.claim("w", token="w:chosen") is None  # ended: nothing is held under it, nothing queued
+
+
+def test_retried_complete_answers_true_and_changes_nothing(store):
+    job = submit(store)
+    _, lease = store.claim("w")
+    assert store.complete(lease, result("first"))
+    done = store.get(job.id)
+    assert store.complete(lease, result("first"))
+    assert store.complete(lease, result("second"))  # a retry is recognised by its lease, not its payload
+    assert not store.fail(lease, "boom")  # it ended COMPLETED, not FAILED
+    assert store.get(job.id) == done and done.result == result("first")
+
+
+def test_retried_fail_answers_true_and_changes_nothing(store):
+    job = submit(store)
+    _, lease = store.claim("w")
+    assert store.fail(lease, "boom")
+    failed = store.get(job.id)
+    assert store.fail(lease, "boom")
+    assert store.fail(lease, "another message")
+    assert not store.complete(lease, result())  # it ended FAILED, not COMPLETED
+    assert store.get(job.id) == failed and failed.error == "boom"
+
+
+def test_a_stale_lease_still_answers_false(store):
+    job = submit(store)
+    _, old = store.claim("w1")
+    time.sleep(LEASE + 0.1)
+    _, new = store.claim("w2")
+    assert not store.complete(old, result("old")) and not store.fail(old, "old")
+    assert store.complete(new, result("new"))
+    # Ended under the new lease: the old one is no repeat of it.
+    assert not store.complete(old, result("old")) and not store.fail(old, "old")
+    assert not store.complete(Lease(job.id, "someone-else"), result("x"))
+    assert store.complete(new, result("new"))
+    ended = store.get(job.id)
+    assert ended.result == result("new") and ended.attempts == 2
+
+
+def test_retried_delivery_claim_with_the_same_token_returns_the_same_delivery(store):
+    first_job, first = submit_with_delivery(store)
+    second_job, second = submit_with_delivery(store)
+    for job in (first_job, second_job):
+        store.cancel(job.id, "cancelled")
+    outbox = store.outbox()
+    claimed, lease = outbox.claim_delivery("d1", token="d1:retried")
+    again, same = outbox.claim_delivery("d1", token="d1:retried")
+    assert claimed.id == again.id and lease == same and lease.token == "d1:retried"
+    other, _ = outbox.claim_delivery("d2")  # the repeat leased nothing else
+    assert {claimed.id, other.id} == {first.id, second.id}
+    assert outbox.claim_delivery("d3") is None
+    assert outbox.record_attempt(same, {"status_code": 200}, "delivered")
+    assert outbox.claim_delivery("d1", token="d1:retried") is None  # released: nothing held, nothing due
+
+
+# -- reclaim backoff: a job whose worker died waits before it runs again ----------------------------
+
+BACKOFF = 0.5
+MARGIN = 0.15
+
+
+def sleep_until(at: float) -> None:
+    time.sleep(max(0.0, at - time.monotonic()))
+
+
+def test_reclaim_waits_for_the_backoff_and_doubles_per_attempt(make_store):
+    store = make_store(reclaim_backoff_seconds=BACKOFF, max_attempts=3)
+    job = submit(store)
+    for attempt in (1, 2):
+        claimed, _ = store.claim("w")
+        lapses = time.monotonic() + LEASE  # the lease was taken just before: it lapses no later than this
+        assert claimed.id == job.id and claimed.attempts == attempt
+        delay = BACKOFF * 2 ** (attempt - 1)
+        # Lapsed, and (from the second attempt) past the first attempt's delay too: still not claimable.
+        sleep_until(lapses + (delay / 2 if attempt > 1 else 0.0) + MARGIN)
+        assert store.claim("w") is None
+        assert store.get(job.id).state is JobState.PROCESSING
+        sleep_until(lapses + delay + MARGIN)
+    claimed, _ = store.claim("w")
+    lapses = time.monotonic() + LEASE
+    assert claimed.id == job.id and claimed.attempts == 3
+    # The last attempt's lease lapsed: the job fails only once its delay (2 s) has passed as well.
+    sleep_until(lapses + 2 * BACKOFF + MARGIN)
+    assert store.claim("w") is None
+    assert store.get(job.id).state is JobState.PROCESSING
+    sleep_until(lapses + 4 * BACKOFF + MARGIN)
+    assert store.claim("w") is None
+    failed = store.get(job.id)
+    assert failed.state is JobState.FAILED and "stopped responding" in failed.error
+
+
+def test_fresh_jobs_are_claimed_while_a_reclaimed_one_waits(make_store):
+    store = make_store(reclaim_backoff_seconds=30.0)
+    crashed = submit(store, i=1)
+    fresh = [submit(store, i=i) for i in range(2, 4)]
+    store.claim("w1")
+    time.sleep(LEASE + 0.1)  # its worker died: the lease lapsed
+    taken = [store.claim("w2") for _ in fresh]
+    assert [got[0].id for got in taken] == [job.id for job in fresh]
+    assert store.claim("w2") is None
+    waiting = store.get(crashed.id)
+    assert waiting.state is JobState.PROCESSING and waiting.attempts == 1
 
 
 def test_retention_expiry(make_store):
@@ -238,11 +368,14 @@ def test_cancel_processing_job_revokes_the_lease(store):
     job = submit(store)
     _, lease = store.claim("w")
     assert store.cancel(job.id, "cancelled").state is JobState.FAILED
-    # The worker learns it at its next step, and cannot finish the job any more.
+    # The worker learns it at its next step, and cannot finish the job any more. The job ended FAILED,
+    # but not under this lease: the worker's own fail is not taken for a repeat either.
     assert not store.report_progress(lease, {"step": 2, "total": 4})
     assert not store.heartbeat(lease)
     assert not store.complete(lease, result("late"))
-    assert store.get(job.id).error == "cancelled"
+    assert not store.fail(lease, "late")
+    cancelled = store.get(job.id)
+    assert cancelled.error == "cancelled" and cancelled.result is None
 
 
 def test_cancel_leaves_terminal_jobs_alone(store):

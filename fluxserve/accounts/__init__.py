@@ -9,13 +9,21 @@ account. Money moves in three steps, each an append-only ledger row:
 
 A reservation is keyed by job id and settles exactly once, whoever asks and however often, so
 worker retries and a crash between completion and settlement neither lose nor double money.
-Everything lives behind `AccountStore`, so it can share whatever store the deployment uses.
+Everything lives behind `AccountStore`, so it can share whatever store the deployment uses: SQLite
+(`accounts.sqlite`), Redis (`accounts.redis`) or PostgreSQL (`accounts.postgres`). The same store
+keeps the deployment's server secrets (`shared_secret`), so every replica hashes keys alike.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
+
+
+def new_shared_secret() -> str:
+    """A fresh deployment-wide secret (see `AccountStore.shared_secret`)."""
+    return secrets.token_hex(32)
 
 
 @dataclass(frozen=True)
@@ -143,5 +151,10 @@ class AccountStore(Protocol):
 
     def take_token(self, bucket: str, rate_per_minute: float) -> float:
         """Rate limiting (GCRA) on shared state: 0 when allowed (and counted), else seconds to wait."""
+
+    def shared_secret(self, name: str, *, initial: str | None = None) -> str:
+        """The deployment-wide secret called `name`, created once atomically by whichever process asks
+        first (`secrets.token_hex(32)`, or `initial` when given: a secret kept elsewhere before); every
+        later call anywhere returns the same value."""
 
     def close(self) -> None: ...

@@ -3,20 +3,28 @@
 A key reads `fsk_<id>_<secret>`. The id is public (it names the key in lists and logs and finds its
 row); the secret part never leaves the caller. Checking a key recomputes the digest and compares it
 in constant time. The same server secret signs media links.
+
+The server secret is the deployment's: kept in the account store (`AccountStore.shared_secret`), made
+once by whichever process asks first, so every replica sharing the store checks keys alike.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from pathlib import Path
 
 from fluxserve.accounts import Account, AccountStore, ApiKey
-from fluxserve.private_files import private_dir, read_or_create_secret
+from fluxserve.private_files import private_dir, read_secret
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "fsk_"
-SECRET_FILE = "auth-secret"
+# The secret's name in the account store, and the file in the data dir that held it before.
+SECRET_NAME = SECRET_FILE = "auth-secret"
+MIN_SECRET_CHARS = 32
 
 
 class KeyRejected(Exception):
@@ -36,19 +44,27 @@ def key_id_of(key: str) -> str | None:
     return key_id if sep and key_id and secret else None
 
 
-def server_secret(configured: str | None, data_dir: Path) -> bytes:
-    """The configured secret when set; otherwise a random secret made once into the data dir (mode 0600).
+def server_secret(configured: str | None, data_dir: Path, store: AccountStore) -> bytes:
+    """The configured secret when set; otherwise the deployment's, shared through the account store.
 
-    The data dir holds the secrets, the database and the images, so it is made (or tightened to) 0700
-    here, where every process that serves or manages keys passes first."""
+    A data dir from before the store kept the secret holds it in `auth-secret`: that value seeds the
+    store (when the store has none yet), so the keys made with it stay valid. The data dir holds the
+    database and the images, so it is made (or tightened to) 0700 here, where every process that serves
+    or manages keys passes first."""
     private_dir(data_dir)
     if configured:
         return configured.encode()
     path = data_dir / SECRET_FILE
-    secret = read_or_create_secret(path, lambda: secrets.token_hex(32)).encode()
-    if len(secret) < 32:
+    earlier = read_secret(path)
+    if earlier is not None and len(earlier) < MIN_SECRET_CHARS:
         raise RuntimeError(f"{path} holds no usable secret; delete it only if no key was made with it")
-    return secret
+    secret = store.shared_secret(SECRET_NAME, initial=earlier)
+    if len(secret) < MIN_SECRET_CHARS:
+        raise RuntimeError(f"the account store's {SECRET_NAME!r} is no usable secret")
+    if earlier is not None and earlier != secret:
+        log.warning("%s differs from the account store's secret, which is the one used: keys made under the "
+                    "file's secret are not accepted (delete the file once that is as intended)", path)
+    return secret.encode()
 
 
 class Keyring:

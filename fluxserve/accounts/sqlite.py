@@ -3,7 +3,7 @@
 Each money movement is one `BEGIN IMMEDIATE` transaction that checks, moves and writes its ledger
 row together, so concurrent submits (threads or processes on the file) cannot overspend. The
 schema backs the rules up: balances cannot go negative, more cannot be reserved than is owned, and
-the ledger refuses UPDATE and DELETE.
+the ledger refuses UPDATE and DELETE. The server secrets live in the same file (`shared_secrets`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ import time
 import uuid
 from pathlib import Path
 
-from fluxserve.accounts import Account, ApiKey, LedgerEntry, NotEnoughCredits, Reservation, TooManyInFlight
+from fluxserve.accounts import (
+    Account,
+    ApiKey,
+    LedgerEntry,
+    NotEnoughCredits,
+    Reservation,
+    TooManyInFlight,
+    new_shared_secret,
+)
 from fluxserve.accounts.ratelimit import gcra
 from fluxserve.dbfile import SqliteFile
 from fluxserve.webhooks.signing import new_secret
@@ -66,6 +74,10 @@ BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
 CREATE TABLE IF NOT EXISTS rate_limits (
     bucket TEXT PRIMARY KEY,
     tat    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shared_secrets (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 """
 # Account columns added after the first release; databases made before them gain them on open.
@@ -138,10 +150,15 @@ class SqliteAccountStore:
     def add_key(self, key_id: str, account_id: str, digest: str) -> ApiKey:
         key = ApiKey(key_id, account_id, digest, time.time())
         with self.file.transaction() as db:
-            db.execute(
-                "INSERT INTO api_keys (id, account_id, digest, created_at) VALUES (?, ?, ?, ?)",
-                (key.id, key.account_id, key.digest, key.created_at),
-            )
+            if db.execute("SELECT 1 FROM accounts WHERE id = ?", (account_id,)).fetchone() is None:
+                raise KeyError(f"no account {account_id}")
+            try:
+                db.execute(
+                    "INSERT INTO api_keys (id, account_id, digest, created_at) VALUES (?, ?, ?, ?)",
+                    (key.id, key.account_id, key.digest, key.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise ValueError(f"a key {key_id!r} already exists") from None
         return key
 
     def get_key(self, key_id: str) -> ApiKey | None:
@@ -177,11 +194,15 @@ class SqliteAccountStore:
     # -- money ---------------------------------------------------------------------------------
 
     def reserve(self, job_id: str, account_id: str, key_id: str, amount: int) -> Reservation:
+        if amount < 0:
+            raise ValueError("a reservation holds a non-negative amount")
         with self.file.transaction() as db:
             existing = db.execute("SELECT * FROM reservations WHERE job_id = ?", (job_id,)).fetchone()
             if existing:
                 return _reservation(existing)
             account = db.execute("SELECT * FROM accounts WHERE id = ?", (account_id,)).fetchone()
+            if account is None:
+                raise KeyError(f"no account {account_id}")
             if account["max_in_flight"] and self.in_flight(key_id) >= account["max_in_flight"]:
                 raise TooManyInFlight(account["max_in_flight"])
             if account["balance"] - account["reserved"] < amount:
@@ -235,6 +256,8 @@ class SqliteAccountStore:
     # -- rate limits ---------------------------------------------------------------------------
 
     def take_token(self, bucket: str, rate_per_minute: float) -> float:
+        if rate_per_minute <= 0:  # 0 = unlimited
+            return 0.0
         with self.file.transaction() as db:
             row = db.execute("SELECT tat FROM rate_limits WHERE bucket = ?", (bucket,)).fetchone()
             tat, retry_after = gcra(row["tat"] if row else None, time.time(), rate_per_minute)
@@ -245,6 +268,16 @@ class SqliteAccountStore:
                     (bucket, tat),
                 )
         return retry_after
+
+    # -- server secrets ------------------------------------------------------------------------
+
+    def shared_secret(self, name: str, *, initial: str | None = None) -> str:
+        # Whoever inserts first wins; the losers' inserts are ignored, and everyone reads the winner's.
+        with self.file.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO shared_secrets (name, value) VALUES (?, ?)",
+                       (name, initial or new_shared_secret()))
+        (value,) = db.execute("SELECT value FROM shared_secrets WHERE name = ?", (name,)).fetchone()
+        return value
 
     def close(self) -> None:
         self.file.close()

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxserve import __version__
 from fluxserve.api import account, control, generate, observability, openapi, playground, requests, security
-from fluxserve.api.deps import ServicesDep
+from fluxserve.api.deps import ServicesDep, WriteLane
 from fluxserve.api.errors import ApiError, install_error_handlers
 from fluxserve.app.errors import NotFound
 from fluxserve.config import Settings
@@ -32,6 +32,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         redoc_url=None,  # no offline ReDoc asset: /docs only
     )
     app.state.services = services
+    # Store writes on threads of their own, so a slow store never starves reads and /ready (api/deps.py).
+    app.state.writes = WriteLane()
+    app.state.readiness = observability.ReadinessProbe(services)
     install_error_handlers(app)
     app.get("/health", tags=["service"])(health)
     app.include_router(observability.router)

@@ -13,7 +13,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from fluxserve.api.deps import CallerDep, ServicesDep, base_url
+from fluxserve.api.deps import CallerDep, ServicesDep, base_url, write_lane
 from fluxserve.contract import JobState
 from fluxserve.jobs import Job
 from fluxserve.logs import annotate
@@ -27,12 +27,12 @@ KEEPALIVE_SECONDS = 15.0
 
 
 @router.post("/v2/requests/{job_id}/cancel")
-async def cancel_request(job_id: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+async def cancel_request(request: Request, job_id: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """Cancel a QUEUED or PROCESSING request: it ends FAILED with an error saying it was cancelled.
 
     A queued request never runs; a running one stops at its next denoising step."""
     annotate(job_id=job_id)
-    job = await anyio.to_thread.run_sync(services.control.cancel, caller, job_id)
+    job = await write_lane(request).run(services.control.cancel, caller, job_id)
     return failed_body(job)
 
 

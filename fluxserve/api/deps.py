@@ -3,17 +3,59 @@ HTTP details they share: public URLs, bounded body reading, the failed-job answe
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
 from fluxserve.app.access import Caller
-from fluxserve.app.errors import InvalidRequest
+from fluxserve.app.errors import InvalidRequest, Unavailable
 from fluxserve.jobs import Job
 from fluxserve.services import Services
 from fluxserve.views import failed_body
+
+T = TypeVar("T")
+
+# Threads for store writes (submits, cancels), apart from the pool reads and /ready use.
+WRITE_THREADS = 16
+# How long a write may wait for one of them before it is answered 503.
+WRITE_QUEUE_SECONDS = 10.0
+
+
+class WriteLane:
+    """Store writes run on a few threads of their own: a store slow to write (a held SQLite write lock,
+    a Redis failing over) ties up those threads only, while status reads and `/ready` keep theirs. A
+    write that gets no thread within `queue_seconds` is answered 503 with Retry-After."""
+
+    def __init__(self, threads: int = WRITE_THREADS, queue_seconds: float = WRITE_QUEUE_SECONDS) -> None:
+        self.threads = threads
+        self.queue_seconds = queue_seconds
+        self._limiters: tuple[anyio.CapacityLimiter, anyio.CapacityLimiter] | None = None
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        if self._limiters is None:  # made on the app's event loop
+            self._limiters = anyio.CapacityLimiter(self.threads), anyio.CapacityLimiter(self.threads)
+        gate, threads = self._limiters
+        acquired = False
+        with anyio.move_on_after(self.queue_seconds):
+            await gate.acquire()
+            acquired = True
+        if not acquired:
+            raise Unavailable("The job store is busy writing; try again shortly", retry_after=2)
+        try:
+            # Once started, the call runs to its end (a cancelled wait must not hide a stored job).
+            return await anyio.to_thread.run_sync(func, *args, limiter=threads)
+        finally:
+            gate.release()
+
+
+def write_lane(request: Request) -> WriteLane:
+    lane = getattr(request.app.state, "writes", None)
+    if lane is None:
+        lane = request.app.state.writes = WriteLane()
+    return lane
 
 
 def services_of(request: Request) -> Services:

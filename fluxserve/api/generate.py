@@ -9,7 +9,15 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from fluxserve.api.deps import CallerDep, ServicesDep, base_url, failed_response, job_urls, read_body
+from fluxserve.api.deps import (
+    CallerDep,
+    ServicesDep,
+    base_url,
+    failed_response,
+    job_urls,
+    read_body,
+    write_lane,
+)
 from fluxserve.app.access import Caller
 from fluxserve.app.submit import SubmitHeaders, submit_body_schema
 from fluxserve.contract import MEDIA_TYPES, JobState
@@ -45,9 +53,7 @@ _BODY_DOC = {
 async def submit(request: Request, services: Services, caller: Caller) -> Job:
     body = await read_body(request, services.settings.api.max_body_bytes)
     headers = SubmitHeaders(request.headers.get("idempotency-key"), request.headers.get("cancel-after"))
-    job = await anyio.to_thread.run_sync(
-        services.submitter.submit, caller, body, headers, base_url(request, services)
-    )
+    job = await write_lane(request).run(services.submitter.submit, caller, body, headers, base_url(request, services))
     annotate(job_id=job.id)
     return job
 

@@ -64,7 +64,7 @@ class Access:
         self.config = config
         self.store = store
         self.host = host
-        self.keyring = Keyring(store, server_secret(config.auth_secret, data_dir))
+        self.keyring = Keyring(store, server_secret(config.auth_secret, data_dir, store))
         self._keys_exist = False
         self._keys_checked_at = float("-inf")
 

@@ -45,3 +45,11 @@ class ModelUnavailable(DomainError):
 
 class StillRunning(DomainError):
     """A synchronous call's wait ran out; the request goes on."""
+
+
+class Unavailable(DomainError):
+    """A store the request needs cannot serve it now (down, restarting, locked); retry after `retry_after`."""
+
+
+class OutOfSpace(Unavailable):
+    """The store's disk is full: nothing new can be written until space is freed."""

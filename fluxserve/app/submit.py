@@ -9,13 +9,16 @@ These are taken out of the body before it is validated as the model's parameters
 are exactly the contract's.
 
 Admission, in order: the key's rate limit, the credit reservation (`billing`), then the store. A job
-that never reaches the store gives its reservation back.
+that never reaches the store gives its reservation back. A store call that fails for a passing reason
+(`fluxserve.store_faults`) may still have stored the job: it is looked up, and a stored job is answered
+as a successful submit; only a job the store lacks is answered "unavailable" (503, its credits released).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -40,10 +43,16 @@ from fluxserve.jobs import (
     WebhookTarget,
     new_job_id,
 )
+from fluxserve.store_faults import as_unavailable, is_transient
 from fluxserve.webhooks import DEFAULT_EVENTS, EVENT_TRIGGERS, deliveries_for
 from fluxserve.webhooks.targets import WebhookTargetError, check_url
 
+log = logging.getLogger(__name__)
+
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# After a submit failed for a passing reason, the job is looked up (to answer truthfully) at once,
+# then again after these pauses while the store itself does not answer.
+LOOKUP_PAUSES = (0.0, 0.2, 0.5)
 
 SUBMIT_OPTION_SCHEMA: dict[str, Any] = {
     "webhook": {
@@ -176,12 +185,43 @@ class Submitter:
         cost = self.billing.reserve(caller, job)
         try:
             stored = self._store(job, cost, options, idempotency, caller, base_url)
+        except Exception as exc:
+            if not is_transient(exc):
+                self._release(caller, job.id)
+                raise
+            # Ambiguous: the store may have kept the job before the call failed. What it holds decides.
+            found = self._look_up(job.id)
+            if found is None:
+                self._release(caller, job.id)
+                raise as_unavailable(exc) from exc
+            log.warning("submit of job %s failed (%s: %s) but the store kept it; answered as queued",
+                        job.id, type(exc).__name__, exc)
+            self.deadlines.watch(found)
+            return found
         except BaseException:
-            self.billing.release_unless_queued(caller, job.id)
+            self._release(caller, job.id)
             raise
         if stored.id != job.id:
             self.billing.refund_replay(caller, job.id)
         return stored
+
+    def _look_up(self, job_id: str) -> Job | None:
+        """The job as the store holds it after a failed submit; None when it is not there (or the
+        store cannot say: then the janitor settles its reservation once the store answers)."""
+        for pause in LOOKUP_PAUSES:
+            time.sleep(pause)
+            try:
+                return self.jobs.get(job_id)
+            except Exception as exc:
+                if not is_transient(exc):
+                    break
+        return None
+
+    def _release(self, caller: Caller, job_id: str) -> None:
+        try:
+            self.billing.release_unless_queued(caller, job_id)
+        except Exception:  # the janitor's sweep releases an orphaned reservation later
+            log.warning("releasing the reservation of job %s failed; the janitor will", job_id, exc_info=True)
 
     def _take_rate_token(self, caller: Caller) -> None:
         if caller.account is None or caller.key is None or not caller.account.rate_per_minute:

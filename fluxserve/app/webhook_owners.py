@@ -4,24 +4,40 @@ A job made with an API key belongs to that key's account, and the account's own 
 its secret (made with the account, rotated with `fluxserve keys webhook NAME --rotate-secret`) and
 its default URL (none until set), so no account can verify, or receive, another's webhooks.
 A job without an owner (keys are off) gets the operator's settings (`webhook_secret`,
-`webhook_default_url`); with no secret configured, one is generated on first use and kept in
-`data_dir/webhook-secret` (readable by the operator only), so signatures survive restarts.
+`webhook_default_url`); with no secret configured, the deployment's shared one is used: made once in
+the account store by whichever process asks first, so every replica signs alike and signatures
+survive restarts. A data dir from before the store kept it holds it in `data_dir/webhook-secret`,
+which seeds the store (when the store has none yet), so receivers set up with it keep verifying.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 from pathlib import Path
 
 from fluxserve.accounts import AccountStore
 from fluxserve.config import WebhookSettings
-from fluxserve.private_files import PRIVATE_FILE, read_or_create_secret, tighten
-from fluxserve.webhooks.signing import new_secret, secret_bytes
+from fluxserve.private_files import PRIVATE_FILE, read_secret, tighten
+from fluxserve.webhooks.signing import SECRET_PREFIX, secret_bytes
 
 log = logging.getLogger(__name__)
 
-SECRET_FILE = "webhook-secret"
+# The secret's name in the account store, and the file in the data dir that held it before.
+SECRET_NAME = SECRET_FILE = "webhook-secret"
+
+
+def as_webhook_secret(shared: str) -> str:
+    """A Standard Webhooks secret (`whsec_` + base64) from the store's shared secret: a value seeded
+    from the old file already is one; a generated one is hex, whose bytes become the key."""
+    if shared.startswith(SECRET_PREFIX):
+        return shared
+    try:
+        key = bytes.fromhex(shared)
+    except ValueError:
+        key = shared.encode()
+    return SECRET_PREFIX + base64.b64encode(key).decode("ascii")
 
 
 class OwnerWebhooks:
@@ -54,5 +70,8 @@ class OwnerWebhooks:
     def _operator_secret(self) -> str:
         with self._lock:
             if self._secret is None:
-                self._secret = read_or_create_secret(self.data_dir / SECRET_FILE, new_secret)
+                earlier = read_secret(self.data_dir / SECRET_FILE)
+                secret = as_webhook_secret(self.accounts.shared_secret(SECRET_NAME, initial=earlier))
+                secret_bytes(secret)  # a store value that is no usable secret fails here, loudly
+                self._secret = secret
             return self._secret

@@ -57,6 +57,7 @@ class RedisJobStore:
                          "PURGE_EXPIRED", "COUNT_BY_STATE", "REPORT_PROGRESS", "CANCEL", "CLAIM_DELIVERY",
                          "RECORD_ATTEMPT", "DELIVERIES")
         }
+        self._delays = json.dumps(_reclaim_delays(self.policy))
         self._ended = _Wakeups(client, f"{prefix}:ended")  # a job's id when it ends
         self._queued = _Wakeups(client, f"{prefix}:queued")  # a job's slug when it is submitted
 
@@ -104,18 +105,23 @@ class RedisJobStore:
     def queue_position(self, job_id: str) -> int | None:
         return self._run("POSITION", job_id)
 
-    def claim(self, worker_id: str, slugs: list[str] | None = None) -> tuple[Job, Lease] | None:
-        token = self.policy.new_token(worker_id)
+    def claim(
+        self, worker_id: str, slugs: list[str] | None = None, *, token: str | None = None
+    ) -> tuple[Job, Lease] | None:
+        # Made once per call: when the client re-sends the script, the repeat finds the lease it took.
+        token = token if token is not None else self.policy.new_token(worker_id)
         policy = self.policy
         record = self._run("CLAIM", json.dumps(token), policy.lease_seconds, policy.max_attempts,
-                           policy.retention_seconds, json.dumps(policy.exhausted_error), *(slugs or []))
+                           policy.retention_seconds, json.dumps(policy.exhausted_error), self._delays,
+                           *(slugs or []))
         if not record:
             return None
         job = _decode_job(record)
         return job, Lease(job.id, token)
 
     def heartbeat(self, lease: Lease) -> bool:
-        return self._run("HEARTBEAT", lease.job_id, json.dumps(lease.token), self.policy.lease_seconds) == 1
+        return self._run("HEARTBEAT", lease.job_id, json.dumps(lease.token), self.policy.lease_seconds,
+                         self._delays) == 1
 
     def complete(self, lease: Lease, result: JobResult) -> bool:
         return self._finish(lease, JobState.COMPLETED, result=dataclasses.asdict(result), error=None)
@@ -182,8 +188,10 @@ class RedisOutbox:
     def _run(self, name: str, *args: Any) -> Any:
         return self.jobs._run(name, *args)
 
-    def claim_delivery(self, sender_id: str) -> tuple[Delivery, DeliveryLease] | None:
-        token = self.jobs.policy.new_token(sender_id)
+    def claim_delivery(self, sender_id: str, *, token: str | None = None) -> tuple[Delivery, DeliveryLease] | None:
+        """As `Outbox.claim_delivery`; with `token`, a retry of a claim that already took effect answers the
+        same delivery and lease."""
+        token = token if token is not None else self.jobs.policy.new_token(sender_id)
         record = self._run("CLAIM_DELIVERY", json.dumps(token), self.jobs.policy.lease_seconds)
         if not record:
             return None
@@ -200,6 +208,18 @@ class RedisOutbox:
 
     def deliveries(self, job_id: str) -> list[Delivery]:
         return [Delivery(**_fields(record)) for record in self._run("DELIVERIES", job_id)]
+
+
+def _reclaim_delays(policy: LeasePolicy) -> list[float]:
+    """`policy.reclaim_delay` after 1, 2, ... claims, as the scripts take it (they repeat the last one):
+    up to `max_attempts`, or until the delay stops growing (its cap, or no backoff at all)."""
+    delays = [policy.reclaim_delay(1)]
+    for attempts in range(2, policy.max_attempts + 1):
+        delay = policy.reclaim_delay(attempts)
+        if delay == delays[-1]:
+            break
+        delays.append(delay)
+    return delays
 
 
 # -- the record: one hash field per dataclass field (Job, Delivery), each value JSON ------------------

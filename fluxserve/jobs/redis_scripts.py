@@ -8,7 +8,10 @@ Key layout (P is the key prefix, `fluxserve` by default):
     P:seq                 string submission counter (FIFO order)
     P:queued:<slug>       zset   QUEUED jobs of one model: score = seq, member = id
     P:slugs               set    every slug that has had a queue (a claim with no filter looks at all)
-    P:leases              zset   PROCESSING jobs: score = lease expiry (server clock), member = id
+    P:leases              zset   PROCESSING jobs: score = when the job may be taken over (server clock):
+                                 its lease's expiry plus the policy's reclaim delay; member = id
+    P:claim:<token>       string the id of the job leased under a token, while that lease may be held
+                                 (so a repeated CLAIM answers the same lease)
     P:ended:<STATE>       zset   COMPLETED / FAILED jobs: score = expires_at, member = id
     P:ended               channel  pub/sub: the id of each job that just ended (wakes waiters)
     P:queued              channel  pub/sub: the slug of each job just submitted (wakes idle workers)
@@ -17,6 +20,7 @@ Key layout (P is the key prefix, `fluxserve` by default):
     P:delivery:<id>       hash   one field per Delivery dataclass field (JSON), plus `_lease_token`
     P:outbox              zset   pending deliveries whose trigger has happened: score = when one may
                                  next be claimed (due, retry or lease-expiry time), member = delivery id
+    P:delivery-claim:<token>  string the id of the delivery leased under a token, while its lease lasts
 
 A delivery enters P:outbox when its trigger happens (CLAIM for 'started', a job's end for 'finished')
 and leaves it when it is delivered or given up. An idempotency key, the deliveries and the job are
@@ -27,10 +31,11 @@ Every script takes the prefix as ARGV[1]. Times come from the Redis server's clo
 mean the same on every host whatever their clocks say (a delivery's retry time travels as a delay).
 Values the scripts write in dataclass fields are JSON text made by the caller (tokens, results,
 errors) or numbers, so Python decodes every field with json.loads; `_`-fields are the store's own.
-The client retries a command whose connection broke. SUBMIT answers a repeat of a call that already
-took effect as the first time, and so does CANCEL. A repeated CLAIM (or CLAIM_DELIVERY) leases a
-second job (the first one's lease lapses and it runs later, as after any crash); a repeated FINISH
-(or RECORD_ATTEMPT) answers 0, as for any ended job.
+The client retries a command whose connection broke, and a retry re-sends a command that may already
+have taken effect. SUBMIT answers such a repeat as the first time, and so do CANCEL, CLAIM and
+CLAIM_DELIVERY (the token is made once per call by the caller: a repeat finds the lease it took) and
+FINISH (the ended job keeps its lease token: 1 again when it ended in that state under that token).
+A repeated RECORD_ATTEMPT answers 0, as for any released lease.
 Scripts name keys they compute from the prefix, so the store needs a single Redis (or a Sentinel
 primary), not Redis Cluster.
 """
@@ -45,10 +50,31 @@ local function now()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local function num(x) return string.format('%.6f', x) end
+local function ms(x) return string.format('%.0f', math.ceil(x * 1000)) end  -- a PEXPIREAT argument
 local function job_key(id) return P .. ':job:' .. id end
 local function field(id, name) return redis.call('HGET', job_key(id), name) end
 local function holds_lease(id, token_json)
   return field(id, 'state') == '"PROCESSING"' and field(id, 'lease_token') == token_json
+end
+local function claim_key(token_json) return P .. ':claim:' .. cjson.decode(token_json) end
+-- When a lease expiring at `expires` may be taken over: after the policy's reclaim delay for a job that
+-- had `attempts` claims. `delays_json`: the delays after 1, 2, ... claims; the last one repeats.
+local function reclaim_at(expires, attempts, delays_json)
+  local delays = cjson.decode(delays_json)
+  return expires + delays[math.max(1, math.min(attempts, #delays))]
+end
+-- The job is PROCESSING under `token_json` until `expires`, and may be taken over at `due`.
+local function hold(id, token_json, expires, due)
+  redis.call('HSET', job_key(id), 'lease_token', token_json, 'lease_expires_at', num(expires))
+  redis.call('ZADD', P .. ':leases', due, id)
+  redis.call('SET', claim_key(token_json), id)
+  redis.call('PEXPIREAT', claim_key(token_json), ms(due))
+end
+-- Ends the job's lease (the job ended, or went back to its queue): it forgets the claim's token.
+local function drop_lease(id)
+  local token_json = field(id, 'lease_token')
+  if token_json and token_json ~= 'null' then redis.call('DEL', claim_key(token_json)) end
+  redis.call('ZREM', P .. ':leases', id)
 end
 -- The record as a flat field/value list, or nil when unknown or past retention.
 local function live_record(id)
@@ -84,15 +110,16 @@ local function expire_with_job(id, at)
 end
 -- QUEUED | PROCESSING -> COMPLETED | FAILED; the record stays for `retention` seconds, then
 -- purge_expired removes it (the keys' own TTL, a day later, only matters when no janitor ever runs).
--- Its 'finished' deliveries become due.
-local function end_job(id, state, result_json, error_json, retention)
+-- Its 'finished' deliveries become due. `token_json` stays as its lease token: the one it ended under
+-- (so a repeated FINISH is recognised), or 'null' when the lease was revoked.
+local function end_job(id, state, result_json, error_json, retention, token_json)
   local t = now()
   local expires = t + retention
   local key = job_key(id)
+  drop_lease(id)
   redis.call('HSET', key, 'state', '"' .. state .. '"', 'result', result_json, 'error', error_json,
-             'finished_at', num(t), 'expires_at', num(expires), 'lease_token', 'null',
+             'finished_at', num(t), 'expires_at', num(expires), 'lease_token', token_json,
              'lease_expires_at', 'null')
-  redis.call('ZREM', P .. ':leases', id)
   redis.call('ZADD', P .. ':ended:' .. state, expires, id)
   release_deliveries(id, 'finished', t)
   expire_with_job(id, math.ceil(expires) + 86400)
@@ -158,26 +185,30 @@ if field(id, 'state') ~= '"QUEUED"' then return nil end
 return redis.call('ZRANK', P .. ':queued:' .. cjson.decode(field(id, 'slug')), id)
 """
 
-# ARGV: P, token (JSON), lease_seconds, max_attempts, retention, exhausted error (JSON), slugs...
-# First every lapsed lease is settled: back to its queue at its old place, or FAILED when it used its
-# last attempt. Then the oldest head among the slugs' queues is leased, with no progress yet, and
-# its 'started' deliveries become due.
+# ARGV: P, token (JSON), lease_seconds, max_attempts, retention, exhausted error (JSON), reclaim
+# delays (JSON list: after 1, 2, ... claims), slugs...
+# A repeat of a claim that took effect (the job is PROCESSING under this token) answers that job as it
+# is. Otherwise every lease due for takeover (lapsed at least its reclaim delay ago) is settled: back
+# to its queue at its old place, or FAILED when it used its last attempt. Then the oldest head among
+# the slugs' queues is leased, with no progress yet, and its 'started' deliveries become due.
 CLAIM = """
 local token, lease, max_attempts, retention = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local held = redis.call('GET', claim_key(token))
+if held and holds_lease(held, token) then return redis.call('HGETALL', job_key(held)) end
 local t = now()
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', t, 'LIMIT', 0, 100)) do
   if redis.call('EXISTS', job_key(id)) == 0 then
     redis.call('ZREM', P .. ':leases', id)
   elseif tonumber(field(id, 'attempts')) >= max_attempts then
-    end_job(id, 'FAILED', '{}', ARGV[6], retention)
+    end_job(id, 'FAILED', '{}', ARGV[6], retention, 'null')
   else
+    drop_lease(id)
     redis.call('HSET', job_key(id), 'state', '"QUEUED"', 'lease_token', 'null', 'lease_expires_at', 'null')
-    redis.call('ZREM', P .. ':leases', id)
     redis.call('ZADD', P .. ':queued:' .. cjson.decode(field(id, 'slug')), field(id, '_seq'), id)
   end
 end
 local slugs = {}
-for i = 7, #ARGV do slugs[#slugs + 1] = ARGV[i] end
+for i = 8, #ARGV do slugs[#slugs + 1] = ARGV[i] end
 if #slugs == 0 then slugs = redis.call('SMEMBERS', P .. ':slugs') end
 local best, best_seq, best_queue = nil, nil, nil
 for _, slug in ipairs(slugs) do
@@ -190,30 +221,34 @@ end
 if best == nil then return nil end
 redis.call('ZREM', best_queue, best)
 local key = job_key(best)
-redis.call('HINCRBY', key, 'attempts', 1)
-redis.call('HSET', key, 'state', '"PROCESSING"', 'lease_token', token, 'lease_expires_at', num(t + lease),
-           'started_at', num(t), 'progress', 'null')
-redis.call('ZADD', P .. ':leases', t + lease, best)
+local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+redis.call('HSET', key, 'state', '"PROCESSING"', 'started_at', num(t), 'progress', 'null')
+hold(best, token, t + lease, reclaim_at(t + lease, attempts, ARGV[7]))
 release_deliveries(best, 'started', t)
 return redis.call('HGETALL', key)
 """
 
-# ARGV: P, id, token (JSON), lease_seconds. 1 when the lease was ours and is extended, else 0.
+# ARGV: P, id, token (JSON), lease_seconds, reclaim delays (JSON, as CLAIM). 1 when the lease was ours
+# and is extended, else 0.
 HEARTBEAT = """
-local id = ARGV[2]
-if not holds_lease(id, ARGV[3]) then return 0 end
+local id, token = ARGV[2], ARGV[3]
+if not holds_lease(id, token) then return 0 end
 local expires = now() + tonumber(ARGV[4])
-redis.call('HSET', job_key(id), 'lease_expires_at', num(expires))
-redis.call('ZADD', P .. ':leases', expires, id)
+hold(id, token, expires, reclaim_at(expires, tonumber(field(id, 'attempts')), ARGV[5]))
 return 1
 """
 
-# ARGV: P, id, token (JSON), COMPLETED | FAILED, result (JSON), error (JSON), retention.
+# ARGV: P, id, token (JSON), COMPLETED | FAILED, result (JSON), error (JSON), retention. 1 when the
+# lease was ours and the job ended, or when it already ended in this state under this lease (a repeat:
+# nothing changes); else 0.
 FINISH = """
-local id = ARGV[2]
-if not holds_lease(id, ARGV[3]) then return 0 end
-end_job(id, ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]))
-return 1
+local id, token, state = ARGV[2], ARGV[3], ARGV[4]
+if holds_lease(id, token) then
+  end_job(id, state, ARGV[5], ARGV[6], tonumber(ARGV[7]), token)
+  return 1
+end
+if field(id, 'state') == '"' .. state .. '"' and field(id, 'lease_token') == token then return 1 end
+return 0
 """
 
 # ARGV: P, id, token (JSON), progress (JSON). 1 when the lease was ours and the progress is replaced.
@@ -233,13 +268,21 @@ if state == '"QUEUED"' then
   redis.call('ZREM', P .. ':queued:' .. cjson.decode(field(id, 'slug')), id)
 end
 if state == '"QUEUED"' or state == '"PROCESSING"' then
-  end_job(id, 'FAILED', field(id, 'result'), ARGV[3], tonumber(ARGV[4]))
+  end_job(id, 'FAILED', field(id, 'result'), ARGV[3], tonumber(ARGV[4]), 'null')  -- the lease is revoked
 end
 return live_record(id)
 """
 
-# ARGV: P, token (JSON), lease_seconds. Leases the outbox's first due delivery; its record, or nil.
+# ARGV: P, token (JSON), lease_seconds. Leases the outbox's first due delivery; its record, or nil. A
+# repeat of a claim that took effect (a pending delivery leased under this token) answers that one.
 CLAIM_DELIVERY = """
+local token = ARGV[2]
+local claim = P .. ':delivery-claim:' .. cjson.decode(token)
+local held = redis.call('GET', claim)
+if held then
+  local values = redis.call('HMGET', delivery_key(held), 'state', '_lease_token')
+  if values[1] == '"pending"' and values[2] == token then return redis.call('HGETALL', delivery_key(held)) end
+end
 local t = now()
 local outbox = P .. ':outbox'
 while true do
@@ -248,8 +291,11 @@ while true do
   local id = head[1]
   local key = delivery_key(id)
   if redis.call('HGET', key, 'state') == '"pending"' then
-    redis.call('HSET', key, '_lease_token', ARGV[2])
-    redis.call('ZADD', outbox, t + tonumber(ARGV[3]), id)  -- unclaimable until the lease lapses
+    local expires = t + tonumber(ARGV[3])
+    redis.call('HSET', key, '_lease_token', token)
+    redis.call('ZADD', outbox, expires, id)  -- unclaimable until the lease lapses
+    redis.call('SET', claim, id)
+    redis.call('PEXPIREAT', claim, ms(expires))
     return redis.call('HGETALL', key)
   end
   redis.call('ZREM', outbox, id)  -- gone with its job (the keys' TTL): nothing to deliver
@@ -274,6 +320,7 @@ local next_at = 0
 if ARGV[6] ~= '' then next_at = t + tonumber(ARGV[6]) end
 redis.call('HSET', key, 'attempts', attempts, 'state', state, 'next_attempt_at', num(next_at),
            '_lease_token', 'null')
+redis.call('DEL', P .. ':delivery-claim:' .. cjson.decode(ARGV[3]))
 if state == '"pending"' then
   redis.call('ZADD', P .. ':outbox', math.max(t, next_at), id)
 else

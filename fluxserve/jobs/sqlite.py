@@ -2,7 +2,9 @@
 
 Every transition is one short transaction. A claim runs under `BEGIN IMMEDIATE`, which takes the
 database's write lock up front, so two claimers (threads or processes on the same file) never lease
-the same job. Lease tokens make transitions from a worker whose lease lapsed harmless.
+the same job. Lease tokens make transitions from a worker whose lease lapsed harmless. An ended job
+keeps the token it ended under (a cancel or an exhausted retry budget clears it), so a retried
+`complete` / `fail` is recognised.
 """
 
 from __future__ import annotations
@@ -183,44 +185,57 @@ class SqliteJobStore:
         ).fetchone()
         return int(ahead)
 
-    def claim(self, worker_id: str, slugs: list[str] | None = None) -> tuple[Job, Lease] | None:
+    def claim(
+        self, worker_id: str, slugs: list[str] | None = None, *, token: str | None = None
+    ) -> tuple[Job, Lease] | None:
         now = time.time()
         slug_filter, slug_args = _slug_clause(slugs)
         with self._transaction() as db:
-            self._fail_exhausted(db, now)
-            row = db.execute(
-                f"""SELECT * FROM jobs
-                    WHERE (state = 'QUEUED' OR (state = 'PROCESSING' AND lease_expires_at <= ?))
-                    {slug_filter}
-                    ORDER BY seq LIMIT 1""",
-                (now, *slug_args),
+            if token is not None:  # a retry of a claim that already took effect answers the same lease
+                held = db.execute(
+                    "SELECT * FROM jobs WHERE state = 'PROCESSING' AND lease_token = ?", (token,)
+                ).fetchone()
+                if held is not None:
+                    return _job_from_row(held), Lease(held["id"], token)
+            reclaimable = self._settle_lapsed(db, now)
+            if slugs:
+                reclaimable = [row for row in reclaimable if row["slug"] in slugs]
+            queued = db.execute(
+                f"SELECT seq FROM jobs WHERE state = 'QUEUED' {slug_filter} ORDER BY seq LIMIT 1", slug_args
             ).fetchone()
-            if row is None:
+            candidates = [row["seq"] for row in reclaimable] + ([queued["seq"]] if queued else [])
+            if not candidates:
                 return None
-            token = self.policy.new_token(worker_id)
+            seq = min(candidates)  # the oldest: a reclaimed job keeps its place in line
+            token = token if token is not None else self.policy.new_token(worker_id)
             db.execute(
                 """UPDATE jobs SET state = 'PROCESSING', attempts = attempts + 1, lease_token = ?,
                        lease_expires_at = ?, started_at = ?, progress = NULL WHERE seq = ?""",
-                (token, now + self.policy.lease_seconds, now, row["seq"]),
+                (token, now + self.policy.lease_seconds, now, seq),
             )
-            claimed = db.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
+            claimed = db.execute("SELECT * FROM jobs WHERE seq = ?", (seq,)).fetchone()
         self._notify()
         return _job_from_row(claimed), Lease(claimed["id"], token)
 
-    def _fail_exhausted(self, db: sqlite3.Connection, now: float) -> None:
-        """Jobs whose lease lapsed after their last allowed attempt end FAILED instead of retrying."""
-        db.execute(
+    def _settle_lapsed(self, db: sqlite3.Connection, now: float) -> list[sqlite3.Row]:
+        """PROCESSING jobs whose lease lapsed at least `policy.reclaim_delay(attempts)` ago: those that
+        used their last allowed attempt end FAILED; the others (returned) may be claimed again. A lapsed
+        job still inside its delay waits, as PROCESSING."""
+        lapsed = db.execute(
+            """SELECT seq, slug, attempts, lease_expires_at FROM jobs
+               WHERE state = 'PROCESSING' AND lease_expires_at <= ?""",
+            (now,),
+        ).fetchall()
+        due = [row for row in lapsed
+               if row["lease_expires_at"] + self.policy.reclaim_delay(row["attempts"]) <= now]
+        exhausted = [(row["seq"],) for row in due if row["attempts"] >= self.policy.max_attempts]
+        db.executemany(
             """UPDATE jobs SET state = 'FAILED', error = ?, finished_at = ?, expires_at = ?,
                    lease_token = NULL, lease_expires_at = NULL
-               WHERE state = 'PROCESSING' AND lease_expires_at <= ? AND attempts >= ?""",
-            (
-                self.policy.exhausted_error,
-                now,
-                now + self.policy.retention_seconds,
-                now,
-                self.policy.max_attempts,
-            ),
+               WHERE seq = ?""",
+            [(self.policy.exhausted_error, now, now + self.policy.retention_seconds, seq) for (seq,) in exhausted],
         )
+        return [row for row in due if row["attempts"] < self.policy.max_attempts]
 
     def heartbeat(self, lease: Lease) -> bool:
         now = time.time()
@@ -241,15 +256,21 @@ class SqliteJobStore:
     def _finish(self, lease: Lease, state: JobState, *, result: JobResult | None, error: str | None) -> bool:
         now = time.time()
         with self._transaction() as db:
+            # The token stays on the ended row: it is how a retry of this call is recognised.
             cur = db.execute(
                 """UPDATE jobs SET state = ?, result = ?, error = ?, finished_at = ?, expires_at = ?,
-                       lease_token = NULL, lease_expires_at = NULL
+                       lease_expires_at = NULL
                    WHERE id = ? AND lease_token = ? AND state = 'PROCESSING'""",
                 (state.value, json.dumps(dataclasses.asdict(result) if result else None), error, now,
                  now + self.policy.retention_seconds, lease.job_id, lease.token),
             )
+            if cur.rowcount == 0:  # a retry of a call that already ended the job this way: done
+                return db.execute(
+                    "SELECT 1 FROM jobs WHERE id = ? AND lease_token = ? AND state = ?",
+                    (lease.job_id, lease.token, state.value),
+                ).fetchone() is not None
         self._notify()
-        return cur.rowcount == 1
+        return True
 
     def report_progress(self, lease: Lease, progress: dict[str, Any]) -> bool:
         with self._transaction() as db:
@@ -262,6 +283,7 @@ class SqliteJobStore:
     def cancel(self, job_id: str, error: str) -> Job | None:
         now = time.time()
         with self._transaction() as db:
+            # The lease is revoked: the worker's next report, heartbeat or result (a retry included) is refused.
             cur = db.execute(
                 """UPDATE jobs SET state = 'FAILED', error = ?, finished_at = ?, expires_at = ?,
                        lease_token = NULL, lease_expires_at = NULL
@@ -323,9 +345,17 @@ class SqliteOutbox:
         self.file = jobs.file
         self.policy = jobs.policy
 
-    def claim_delivery(self, sender_id: str) -> tuple[Delivery, DeliveryLease] | None:
+    def claim_delivery(self, sender_id: str, *, token: str | None = None) -> tuple[Delivery, DeliveryLease] | None:
+        """As `Outbox.claim_delivery`; with `token`, a retry of a claim that already took effect answers the
+        same delivery and lease."""
         now = time.time()
         with self.file.transaction() as db:
+            if token is not None:
+                held = db.execute(
+                    "SELECT * FROM deliveries WHERE state = 'pending' AND lease_token = ?", (token,)
+                ).fetchone()
+                if held is not None:
+                    return _delivery_from_row(held), DeliveryLease(held["id"], token)
             row = db.execute(
                 """SELECT d.* FROM deliveries d JOIN jobs j ON j.id = d.job_id
                    WHERE d.state = 'pending' AND d.next_attempt_at <= ?
@@ -337,7 +367,7 @@ class SqliteOutbox:
             ).fetchone()
             if row is None:
                 return None
-            token = self.policy.new_token(sender_id)
+            token = token if token is not None else self.policy.new_token(sender_id)
             db.execute(
                 "UPDATE deliveries SET lease_token = ?, lease_expires_at = ? WHERE seq = ?",
                 (token, now + self.policy.lease_seconds, row["seq"]),

@@ -26,12 +26,19 @@ class LocalOutputStore:
         return self.root / key
 
     def put(self, key: str, data: bytes) -> None:
-        # Write then rename: a reader never sees half a file, a crash never leaves one under the key.
-        # mkstemp creates the file 0600, and the rename keeps that mode.
+        # Write a temp file, flush it to disk, then rename it over the key (atomic within a directory): a
+        # reader never sees half a file, and a crash never leaves one under the key. A write that fails
+        # (disk full, I/O error) removes the temp file and raises its own error; whatever the key held
+        # before stays whole. mkstemp creates the file 0600, and the rename keeps that mode.
+        path = self._path(key)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, self._path(key))
+        try:
+            _write_all(fd, data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def get(self, key: str) -> bytes | None:
         try:
@@ -56,6 +63,20 @@ class LocalOutputStore:
     def iter_chunks(self, key: str) -> Iterator[bytes] | None:
         path = self.file_path(key)
         return _read_chunks(path) if path is not None else None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte (a write may be short), fsync, close; the first error is the one raised."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    os.close(fd)
 
 
 def _read_chunks(path: Path) -> Iterator[bytes]:

@@ -1,0 +1,284 @@
+"""What only the PostgreSQL JobStore has: LISTEN/NOTIFY wake-ups and their listener (latency, a lost
+notification, a terminated backend, an unreachable server, close), migrations raced by replicas, and
+a retried delivery attempt. The behaviour every backend shares is in test_jobstore_conformance.py."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psycopg
+import pytest
+
+from fluxserve.contract import GenerateRequest, JobState
+from fluxserve.jobs import Job, JobResult, new_job_id
+from fluxserve.jobs.outbox import Delivery, new_delivery_id
+from fluxserve.jobs.policy import LeasePolicy
+from fluxserve.jobs.postgres import _RECHECK_SECONDS, PostgresJobStore, _Listener
+
+from conftest import free_port
+
+WAKE_LATENCY_S = 0.1  # a notified waiter wakes within this
+POLICY = LeasePolicy(lease_seconds=30.0, max_attempts=2, retention_seconds=30.0, reclaim_backoff_seconds=0.0)
+
+
+@pytest.fixture()
+def open_store(postgres_url):
+    """`open_store()` opens another handle on the test's schema (an API replica, a worker)."""
+    opened: list[PostgresJobStore] = []
+
+    def open_store() -> PostgresJobStore:
+        store = PostgresJobStore.from_url(postgres_url, policy=POLICY)
+        opened.append(store)
+        return store
+
+    yield open_store
+    for store in opened:
+        store.close()
+
+
+def new_job(slug: str = "m") -> Job:
+    return Job(id=new_job_id(), slug=slug, params=GenerateRequest(positivePrompt="a cat"))
+
+
+def in_thread(target, *args) -> tuple[threading.Thread, dict[str, float]]:
+    """Run `target(*args)`; the dict gets `woke`, the monotonic time it returned."""
+    times: dict[str, float] = {}
+
+    def run() -> None:
+        target(*args)
+        times["woke"] = time.monotonic()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, times
+
+
+def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def terminate(url: str, where: str, *args) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+            f"AND pid <> pg_backend_pid() AND {where}", args,
+        ).fetchall()
+    return len(rows)
+
+
+def listening(store: PostgresJobStore, previous: int | None = None) -> bool:
+    pid = store._listener.pid
+    return pid is not None and pid != previous
+
+
+# -- wake-ups ------------------------------------------------------------------------------------
+
+
+def test_a_submit_wakes_a_waiting_worker_at_once(open_store):
+    api, worker = open_store(), open_store()
+    for _ in range(3):
+        thread, times = in_thread(worker.wait_for_work, ["m"], 10.0)
+        time.sleep(0.3)  # waiting now; the next re-read of the table is 0.7 s away
+        api.submit(new_job())
+        submitted = time.monotonic()
+        thread.join(5)
+        assert times["woke"] - submitted < WAKE_LATENCY_S
+        assert worker.claim("w", ["m"]) is not None
+
+
+def test_a_waiter_is_not_woken_by_another_models_submit(open_store):
+    api, worker = open_store(), open_store()
+    thread, times = in_thread(worker.wait_for_work, ["other"], 0.6)
+    started = time.monotonic()
+    time.sleep(0.2)
+    api.submit(new_job("m"))
+    thread.join(5)
+    assert times["woke"] - started >= 0.6
+    # Waiting for any model: woken by it (and, with a job already queued, at once).
+    started = time.monotonic()
+    worker.wait_for_work(None, 5.0)
+    assert time.monotonic() - started < WAKE_LATENCY_S
+
+
+def test_an_end_wakes_wait_terminal_at_once(open_store):
+    api, worker = open_store(), open_store()
+    for end in ("complete", "fail", "cancel"):
+        job = api.submit(new_job())
+        _, lease = worker.claim("w")
+        thread, times = in_thread(api.wait_terminal, job.id, 10.0)
+        time.sleep(0.3)
+        if end == "complete":
+            worker.complete(lease, JobResult("k", "image/png"))
+        elif end == "fail":
+            worker.fail(lease, "boom")
+        else:
+            worker.cancel(job.id, "cancelled")
+        ended = time.monotonic()
+        thread.join(5)
+        assert times["woke"] - ended < WAKE_LATENCY_S, end
+
+
+def test_a_slug_too_long_for_a_notification_wakes_every_waiter(open_store):
+    api, worker = open_store(), open_store()
+    slug = "m" * 9000  # NOTIFY refuses payloads of 8000 bytes and more
+    thread, times = in_thread(worker.wait_for_work, ["m"], 10.0)
+    time.sleep(0.3)
+    job = api.submit(new_job(slug))
+    submitted = time.monotonic()
+    thread.join(5)
+    assert times["woke"] - submitted < WAKE_LATENCY_S
+    assert worker.claim("w", [slug])[0].id == job.id
+
+
+def test_a_lost_notification_costs_at_most_the_recheck(open_store, monkeypatch):
+    api, worker = open_store(), open_store()
+    for store in (api, worker):
+        monkeypatch.setattr(store._listener, "_wake", lambda channel, key: None)  # every notification lost
+    thread, times = in_thread(worker.wait_for_work, ["m"], 10.0)
+    time.sleep(0.2)
+    job = api.submit(new_job())
+    submitted = time.monotonic()
+    thread.join(5)
+    assert times["woke"] - submitted <= _RECHECK_SECONDS + 0.3
+
+    _, lease = worker.claim("w")
+    thread, times = in_thread(api.wait_terminal, job.id, 10.0)
+    time.sleep(0.2)
+    worker.complete(lease, JobResult("k", "image/png"))
+    ended = time.monotonic()
+    thread.join(5)
+    assert times["woke"] - ended <= _RECHECK_SECONDS + 0.3
+    assert api.get(job.id).state is JobState.COMPLETED
+
+
+# -- the listener's connection ------------------------------------------------------------------------
+
+
+def test_the_listener_reconnects_after_its_backend_is_terminated(open_store, postgres_url):
+    api, worker = open_store(), open_store()
+    worker.wait_for_work(None, 0.01)  # starts the listener
+    wait_until(lambda: listening(worker))
+    old_pid = worker._listener.pid
+    thread, times = in_thread(worker.wait_for_work, ["m"], 10.0)
+    time.sleep(0.2)
+    assert terminate(postgres_url, "pid = %s", old_pid) == 1
+    api.submit(new_job())  # most likely sent while nobody listens: the reconnect wakes the waiter anyway
+    submitted = time.monotonic()
+    thread.join(5)
+    assert times["woke"] - submitted < _RECHECK_SECONDS
+    wait_until(lambda: listening(worker, old_pid))
+    worker.claim("w")
+
+    # Listening again: the next submit wakes a waiter through its notification.
+    thread, times = in_thread(worker.wait_for_work, ["m"], 10.0)
+    time.sleep(0.3)
+    api.submit(new_job())
+    submitted = time.monotonic()
+    thread.join(5)
+    assert times["woke"] - submitted < WAKE_LATENCY_S
+
+
+def test_every_connection_terminated_the_store_carries_on(open_store, postgres_url):
+    """As after a database restart: the pool replaces its connections, the listener reconnects."""
+    api, worker = open_store(), open_store()
+    worker.wait_for_work(None, 0.01)
+    wait_until(lambda: listening(worker))
+    old_pid = worker._listener.pid
+    assert terminate(postgres_url, "true") >= 3  # both pools and the listener
+    assert api.ping() and worker.ping()
+    job = api.submit(new_job())
+    claimed, lease = worker.claim("w")
+    assert claimed.id == job.id
+    wait_until(lambda: listening(worker, old_pid))
+    thread, times = in_thread(api.wait_terminal, job.id, 10.0)
+    time.sleep(0.3)
+    assert worker.complete(lease, JobResult("k", "image/png"))
+    ended = time.monotonic()
+    thread.join(5)
+    assert times["woke"] - ended < WAKE_LATENCY_S
+
+
+def test_an_unreachable_server_is_retried_with_backoff_and_close_is_prompt(caplog):
+    listener = _Listener(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", ["fluxserve:t:queued"])
+    with caplog.at_level(logging.WARNING, logger="fluxserve.jobs.postgres"):
+        started = time.monotonic()
+        with listener.watch("fluxserve:t:queued", "m") as event:  # returns although nothing listens
+            assert time.monotonic() - started < 1.0 and not event.is_set()
+            time.sleep(1.6)
+        closing = time.monotonic()
+        listener.close()
+        assert time.monotonic() - closing < 1.0
+    attempts = [r for r in caplog.records if "reconnecting" in r.getMessage()]
+    # Backoff 0.1, 0.2, 0.4, 0.8 s...: a handful of attempts in 1.6 s, not a spin.
+    assert 2 <= len(attempts) <= 6
+    assert listener._thread is not None and not listener._thread.is_alive()
+
+
+def test_close_stops_the_listener_promptly(open_store, postgres_url):
+    store = open_store()
+    store.wait_for_work(None, 0.01)
+    wait_until(lambda: listening(store))
+    pid = store._listener.pid
+    thread = store._listener._thread
+    started = time.monotonic()
+    store.close()
+    assert time.monotonic() - started < 1.0
+    assert thread is not None and not thread.is_alive()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        wait_until(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                        (pid,)).fetchone() == (0,))
+    assert not store.ping()
+
+
+# -- schema, and a retried delivery attempt ------------------------------------------------------------
+
+
+def test_migrations_are_applied_once_when_replicas_open_together(postgres_url):
+    barrier = threading.Barrier(4)
+    stores: list[PostgresJobStore] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            stores.append(PostgresJobStore.from_url(postgres_url, policy=POLICY))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == [] and len(stores) == 4
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            rows = conn.execute("SELECT version FROM fluxserve_schema WHERE component = 'jobs'").fetchall()
+        assert rows == [(1,)]
+        job = stores[0].submit(new_job())
+        assert stores[3].get(job.id) is not None
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_retried_delivery_attempt_answers_true_and_records_nothing_twice(open_store):
+    store = open_store()
+    job = new_job()
+    store.submit(job, deliveries=[Delivery(id=new_delivery_id(), job_id=job.id, url="https://example.invalid/h")])
+    store.cancel(job.id, "cancelled")
+    outbox = store.outbox()
+    _, lease = outbox.claim_delivery("d")
+    retry_at = time.time() + 60
+    assert outbox.record_attempt(lease, {"status_code": 500}, "pending", retry_at)
+    assert outbox.record_attempt(lease, {"status_code": 500}, "pending", retry_at)  # its reply was lost
+    assert not outbox.record_attempt(lease, {"status_code": 200}, "delivered")  # another attempt: released
+    (delivery,) = outbox.deliveries(job.id)
+    assert delivery.state == "pending" and delivery.attempts == [{"status_code": 500}]
+    assert delivery.next_attempt_at == pytest.approx(retry_at, abs=1.0)
+    assert outbox.claim_delivery("d") is None  # not due for a minute
