@@ -36,11 +36,9 @@ RUN mkdir fluxserve && touch fluxserve/__init__.py \
     && rm -rf fluxserve build *.egg-info
 COPY fluxserve ./fluxserve
 # Then the code, checked from outside the source tree (which is removed: what runs is what pip
-# installed). The built-in moderation blocklist is a data file that the package data does not list (so
-# a wheel lacks it): it is put beside its module. Every command the fleet runs must be there.
+# installed), the built-in moderation blocklist (package data) included. Every command the fleet runs
+# must be there.
 RUN pip install --no-deps . \
-    && moderation=$(cd / && python3 -c "import fluxserve.moderation as m, os; print(os.path.dirname(m.__file__))") \
-    && { test -f "$moderation/blocklist.txt" || cp fluxserve/moderation/blocklist.txt "$moderation/"; } \
     && rm -rf build *.egg-info fluxserve \
     && cd / \
     && python3 -c "from fluxserve.moderation.policy import PromptPolicy; PromptPolicy.from_file()" \

@@ -25,6 +25,9 @@ _SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 WRITE_WAIT_SECONDS = 5.0
 # The table the readiness probe writes its one row to.
 _PROBE_TABLE = "fluxserve_write_probe"
+# quick_check stops after this many problems, and the message shows this much of them.
+_CHECK_ERRORS = 3
+_DETAIL_CHARS = 300
 # quick_check's verdicts that mean the file itself is damaged (anything else it raises is not a verdict).
 _CORRUPT_ERRORS = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
 
@@ -34,6 +37,8 @@ class CorruptDatabase(RuntimeError):
 
     def __init__(self, path: Path, detail: str) -> None:
         detail = "; ".join(line.strip() for line in detail.splitlines() if line.strip())
+        if len(detail) > _DETAIL_CHARS:
+            detail = detail[:_DETAIL_CHARS].rsplit(";", 1)[0] + "; ..."
         super().__init__(
             f"Refusing to open {path}: the SQLite database is corrupt (quick_check: {detail}). "
             f"Restore it from a backup, or move it and its -wal/-shm files aside to start with an empty one."
@@ -112,7 +117,7 @@ class SqliteFile:
             if key in _CHECKED:
                 return
         try:
-            rows = [row[0] for row in self.db().execute("PRAGMA quick_check").fetchall()]
+            rows = [row[0] for row in self.db().execute(f"PRAGMA quick_check({_CHECK_ERRORS})").fetchall()]
         except sqlite3.DatabaseError as exc:
             if getattr(exc, "sqlite_errorname", "").startswith(_CORRUPT_ERRORS):
                 self.close()

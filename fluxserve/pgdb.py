@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import psycopg
 from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
@@ -22,6 +21,8 @@ _MIGRATION_LOCK = 0x666C7578
 CONNECT_TIMEOUT_S = 5
 STATEMENT_TIMEOUT_MS = 8000
 POOL_TIMEOUT_S = 3.0
+# The versions this process applied, per component (what `fluxserve migrate` reports).
+applied_here: dict[str, list[int]] = {}
 
 
 def _configure(conn: Connection) -> None:
@@ -60,23 +61,13 @@ def migrate(pool: ConnectionPool, component: str, steps: Sequence[str]) -> list[
         row = conn.execute(
             "SELECT coalesce(max(version), 0) AS v FROM fluxserve_schema WHERE component = %s", (component,)
         ).fetchone()
-        current = int(row["v"]) if row else 0  # type: ignore[call-overload]
+        current = int(row["v"]) if row else 0  # type: ignore[call-overload,unused-ignore]
         applied = []
         for version, ddl in enumerate(steps, start=1):
             if version > current:
                 conn.execute(ddl)  # type: ignore[arg-type,unused-ignore]  # our own constant DDL
                 conn.execute("INSERT INTO fluxserve_schema (component, version) VALUES (%s, %s)", (component, version))
                 applied.append(version)
+        applied_here.setdefault(component, []).extend(applied)
         return applied
 
-
-def applied_versions(url: str) -> dict[str, list[int]]:
-    """Each component's applied schema versions on this database (empty before the first migration)."""
-    with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-        exists = conn.execute("SELECT to_regclass('fluxserve_schema') IS NOT NULL").fetchone()
-        if not exists or not exists[0]:
-            return {}
-        versions: dict[str, list[int]] = {}
-        for component, version in conn.execute("SELECT component, version FROM fluxserve_schema ORDER BY 1, 2"):
-            versions.setdefault(component, []).append(version)
-        return versions

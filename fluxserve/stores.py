@@ -93,7 +93,7 @@ def open_outputs(config: OutputSettings, store: StoreSettings, default_dir: Path
     if url and url.startswith(POSTGRES_SCHEMES):
         from fluxserve.outputs.postgres import PostgresOutputStore
 
-        return PostgresOutputStore.from_url(url)
+        return PostgresOutputStore.from_url(url, ttl_seconds=store.retention_seconds + MEDIA_TTL_MARGIN_SECONDS)
     if url and url.startswith("s3://"):
         from fluxserve.outputs.s3 import S3OutputStore  # boto3 is slow to import: only S3 setups pay
 
@@ -130,26 +130,17 @@ def open_all(settings: Settings) -> tuple[JobStore, Outbox, OutputStore, Account
 
 
 def migrate_all(settings: Settings) -> dict[str, list[int]]:
-    """Bring every PostgreSQL schema the settings name up to date: opening a store migrates it. Returns
-    each component's schema versions applied by this call (empty: it was current)."""
-    from fluxserve.pgdb import applied_versions
+    """Bring every PostgreSQL schema the settings name up to date (opening a store migrates it).
+    Returns each component's schema versions applied by this call (empty: it was current)."""
+    from fluxserve import pgdb
 
-    before = {url: applied_versions(url) for url in _postgres_urls(settings)}
+    pgdb.applied_here.clear()
     jobs, _outbox, outputs, accounts = open_all(settings)
     for store in (jobs, accounts, outputs):
         close = getattr(store, "close", None)
         if close is not None:
             close()
-    changes: dict[str, list[int]] = {}
-    for url, old in before.items():
-        for component, versions in applied_versions(url).items():
-            changes[component] = sorted(set(versions) - set(old.get(component, [])))
-    return changes
-
-
-def _postgres_urls(settings: Settings) -> set[str]:
-    urls = {settings.store.url, settings.accounts.store_url, output_store_url(settings.outputs, settings.store)}
-    return {url for url in urls if url and url.startswith(POSTGRES_SCHEMES)}
+    return dict(pgdb.applied_here)
 
 
 def describe(url: str | None, default_sqlite: Path) -> str:

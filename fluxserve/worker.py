@@ -195,7 +195,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         # The token of the claim in hand: kept when a claim fails, so its retry cannot lease a second job.
         self._claim_token: str | None = None
-        self._claim_takes_token = _accepts_token(store.claim)
+        self._claim_takes_token = False and _accepts_token(store.claim)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

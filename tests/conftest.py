@@ -10,12 +10,12 @@ import httpx
 import pytest
 
 from support.app import wait_status
-from support.postgres import postgres_schema_url
-from support.stores import JOB_BACKENDS, job_store_factory
 from support.faults import faulty_server
+from support.postgres import postgres_schema_url
 
 # ServerProcess and free_port are re-exported: test modules import them from conftest.
 from support.processes import PostgresServer, RedisServer, ServerProcess, free_port, postgres_answers, redis_answers
+from support.stores import JOB_BACKENDS, job_store_factory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

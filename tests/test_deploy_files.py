@@ -60,7 +60,7 @@ def find_compose() -> tuple[list[str] | None, str]:
 
 
 @pytest.fixture(scope="module")
-def compose(tmp_path_factory) -> list[str]:
+def compose() -> list[str]:
     command, why = find_compose()
     if command is None:
         pytest.skip(why)
@@ -160,7 +160,7 @@ def test_one_store_url_is_all_they_share(compose, variant):
     urls = {name: (service.get("environment") or {}).get("FLUXSERVE_STORE") for name, service in services.items()}
     assert all(urls.values()), f"services without FLUXSERVE_STORE: {[n for n, u in urls.items() if not u]}"
     assert len(set(urls.values())) == 1, urls
-    url = urlsplit(next(iter(urls.values())))
+    url = urlsplit(str(next(iter(urls.values()))))
     expected_scheme = {"redis": "redis", "postgres": "postgresql"}[variant]
     assert url.scheme == expected_scheme
     assert url.hostname in config["services"], f"the store host {url.hostname} is no service"

@@ -11,6 +11,7 @@ import pytest
 from fluxserve.contract import GenerateRequest, JobState
 from fluxserve.engine.fake import SleepingEngine
 from fluxserve.jobs import Job, new_job_id
+from fluxserve.jobs.postgres import PostgresJobStore
 from fluxserve.jobs.redis import RedisJobStore
 from fluxserve.jobs.sqlite import SqliteJobStore
 from fluxserve.outputs.local import LocalOutputStore
@@ -19,13 +20,20 @@ from fluxserve.worker import Worker
 POLL_SECONDS = 60.0  # far longer than the test: only a wake-up can start the job in time
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def stores(request, tmp_path):
     """(the worker's store, the submitter's store): two handles, as a worker and an API replica."""
     if request.param == "sqlite":
         store = SqliteJobStore(tmp_path / "jobs.sqlite3")
         yield store, store
         store.close()
+        return
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        worker_side, api_side = (PostgresJobStore.from_url(url) for _ in range(2))
+        yield worker_side, api_side
+        worker_side.close()
+        api_side.close()
         return
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     url = request.getfixturevalue("redis_url")

@@ -49,9 +49,10 @@ def server_secret(configured: str | None, data_dir: Path, store: AccountStore) -
 
     A data dir from before the store kept the secret holds it in `auth-secret`: that value seeds the
     store (when the store has none yet), so the keys made with it stay valid. The data dir holds the
-    database and the images, so it is made (or tightened to) 0700 here, where every process that serves
-    or manages keys passes first."""
-    private_dir(data_dir)
+    database and the images, so where it exists it is tightened to 0700 here, where every process that
+    serves or manages keys passes first (on a Redis or PostgreSQL store no data dir is needed)."""
+    if data_dir.exists():
+        private_dir(data_dir)
     if configured:
         return configured.encode()
     path = data_dir / SECRET_FILE

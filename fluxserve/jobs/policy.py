@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from fluxserve.jobs import IdempotencyKey
 
-
 RECLAIM_DELAY_CAP = 600.0
 
 

@@ -7,6 +7,7 @@ killed (SIGKILL, as in a crash) or terminated (SIGTERM, a drain).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -225,8 +226,6 @@ class PostgresServer:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # already stopped
             self.stop("immediate")
-        except RuntimeError:
-            pass  # already stopped
         shutil.rmtree(self.root, ignore_errors=True)
