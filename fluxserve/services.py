@@ -21,6 +21,7 @@ from fluxserve.config import Settings
 from fluxserve.engine import Engine, load_engine
 from fluxserve.metrics import Metrics
 from fluxserve.moderation import load_moderation
+from fluxserve.store_faults import is_transient
 from fluxserve.stores import describe, open_all
 from fluxserve.webhooks.delivery import WebhookSender
 from fluxserve.worker import Worker
@@ -175,17 +176,25 @@ class Services:
     def settle_open(self) -> int:
         try:
             return self.billing.settle_open()
-        except Exception:
-            log.exception("settling open reservations failed")
+        except Exception as exc:
+            _log_janitor_error("settling open reservations", exc)
             return 0
 
     def purge_expired(self) -> int:
         try:
             expired = self.jobs.purge_expired()
-        except Exception:
-            log.exception("purging expired jobs failed")
+        except Exception as exc:
+            _log_janitor_error("purging expired jobs", exc)
             return 0
         for job in expired:
             if job.result is not None:
                 self.outputs.delete(job.result.output_key)
         return len(expired)
+
+
+def _log_janitor_error(what: str, exc: Exception) -> None:
+    """A store outage is weather (one line, the next round retries); anything else is a bug (traceback)."""
+    if is_transient(exc):
+        log.warning("%s: the store is unavailable (%s); the next round retries", what, exc)
+    else:
+        log.exception("%s failed", what)

@@ -195,7 +195,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         # The token of the claim in hand: kept when a claim fails, so its retry cannot lease a second job.
         self._claim_token: str | None = None
-        self._claim_takes_token = False and _accepts_token(store.claim)
+        self._claim_takes_token = _accepts_token(store.claim)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -225,13 +225,13 @@ class Worker:
                     continue
                 if outage_since is None:  # once per outage
                     outage_since = time.monotonic()
-                    log.warning("the job store is unreachable (%s: %s); worker %s keeps trying",
+                    log.warning("the job store is unavailable (%s: %s); worker %s keeps trying",
                                 type(exc).__name__, exc, self.worker_id)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, OUTAGE_BACKOFF_CAP_SECONDS)
                 continue
             if outage_since is not None:
-                log.warning("the job store answers again after %.1fs; worker %s is claiming",
+                log.warning("the job store is available again after %.1fs; worker %s is claiming",
                             time.monotonic() - outage_since, self.worker_id)
                 outage_since, backoff = None, RETRY_FIRST_SECONDS
         log.info("worker %s stopped", self.worker_id)
@@ -290,7 +290,11 @@ class Worker:
             self.metrics.job_ended("abandoned")
             current = self._get_quietly(job.id)
             if current is not None and current.state is JobState.FAILED:  # cancelled at the last moment
-                self.outputs.delete(result.output_key)
+                try:
+                    self.outputs.delete(result.output_key)
+                except Exception as exc:  # left for the janitor's purge of the expired job
+                    log.warning("could not delete the image of cancelled job %s (%s: %s)", job.id,
+                                type(exc).__name__, exc)
             return
         self.metrics.job_completed(result.metrics)
         self._finished(job.id)

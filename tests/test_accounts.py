@@ -142,7 +142,7 @@ def test_keys_made_under_the_old_secret_file_stay_valid(tmp_path):
     (tmp_path / "auth-secret").write_text(old_secret + "\n")
     (tmp_path / "auth-secret").chmod(0o644)
     with SqliteAccountStore(tmp_path / "jobs.sqlite3") as store:  # the old server issued this key
-        _, key = Keyring(store, old_secret.encode()).issue(new_account(store).id)
+        _, key = Keyring(store, lambda: old_secret.encode()).issue(new_account(store).id)
     with open_access(tmp_path) as access:
         assert access.keyring.authenticate(key)[0].name == "alice"
         assert access.store.shared_secret("auth-secret") == old_secret

@@ -14,10 +14,13 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from fluxserve.accounts import Account, AccountStore, ApiKey
 from fluxserve.private_files import private_dir, read_secret
+from fluxserve.store_faults import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +72,26 @@ def server_secret(configured: str | None, data_dir: Path, store: AccountStore) -
 
 
 class Keyring:
-    def __init__(self, store: AccountStore, secret: bytes) -> None:
+    """Issues and checks keys under the server secret, read through `load_secret` once: at start-up, or,
+    when the store is down then, at first use (so a process started during an outage recovers by itself)."""
+
+    def __init__(self, store: AccountStore, load_secret: Callable[[], bytes]) -> None:
         self.store = store
-        self._secret = secret
+        self._load_secret = load_secret
+        self._loaded: bytes | None = None
+        self._lock = threading.Lock()
+        try:
+            self._secret()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("the account store is unavailable (%s): the key secret is read once it answers", exc)
+
+    def _secret(self) -> bytes:
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._load_secret()
+            return self._loaded
 
     def issue(self, account_id: str) -> tuple[ApiKey, str]:
         """A new key for the account: its record, and the whole key (to show once, never again)."""
@@ -94,7 +114,7 @@ class Keyring:
         return self.sign(f"key:{key}")
 
     def sign(self, message: str) -> str:
-        return hmac.new(self._secret, message.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self._secret(), message.encode(), hashlib.sha256).hexdigest()
 
     def verify(self, message: str, signature: str) -> bool:
         return hmac.compare_digest(self.sign(message).encode(), signature.encode())

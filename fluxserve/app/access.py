@@ -30,6 +30,7 @@ from fluxserve.accounts.keys import KeyRejected, Keyring, server_secret
 from fluxserve.app.errors import Forbidden, Unauthenticated
 from fluxserve.config import AccountSettings
 from fluxserve.jobs import Job
+from fluxserve.store_faults import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class Access:
         self.config = config
         self.store = store
         self.host = host
-        self.keyring = Keyring(store, server_secret(config.auth_secret, data_dir, store))
+        self.keyring = Keyring(store, lambda: server_secret(config.auth_secret, data_dir, store))
         self._keys_exist = False
         self._keys_checked_at = float("-inf")
 
@@ -97,7 +98,15 @@ class Access:
         if self.config.auth == "off":
             log.warning("AUTH IS OFF: anyone who can reach %s:%s can generate images (FLUXSERVE_AUTH=off)",
                         self.host, port)
-        elif self.enforced():
+            return
+        try:
+            enforced = self.enforced()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("auth: the account store is unavailable (%s); keys are checked once it answers", exc)
+            return
+        if enforced:
             log.info("auth: API keys required (x-api-key or Authorization: Bearer)")
         else:
             log.info("auth: open (loopback bind and no API key yet; `fluxserve keys create` turns keys on)")

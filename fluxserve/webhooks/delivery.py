@@ -26,6 +26,7 @@ from fluxserve.config import WebhookSettings
 from fluxserve.contract import JobState
 from fluxserve.jobs import Job, JobStore
 from fluxserve.jobs.outbox import Delivery, DeliveryLease, Outbox
+from fluxserve.store_faults import is_transient
 from fluxserve.views import job_body, result_body_at
 from fluxserve.webhooks.signing import signed_headers
 from fluxserve.webhooks.targets import webhook_client
@@ -92,15 +93,21 @@ class WebhookSender:
         self._client.close()
 
     def _run(self) -> None:
+        outage = False  # a store outage is logged once, when it starts, not once a second
         while not self._stopping.is_set():
             try:
                 claimed = self.outbox.claim_delivery(self.sender_id)
+                outage = False
                 if claimed is None:
                     self._stopping.wait(self.poll_seconds)
                     continue
                 self.deliver(*claimed)
-            except Exception:
-                log.exception("webhook sender error; continuing")
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.exception("webhook sender error; continuing")
+                elif not outage:
+                    log.warning("webhook sender: the store is unavailable (%s); retrying", exc)
+                    outage = True
                 self._stopping.wait(1.0)
 
     def deliver(self, delivery: Delivery, lease: DeliveryLease) -> None:
