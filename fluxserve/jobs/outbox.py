@@ -45,9 +45,10 @@ class DeliveryLease:
 
 
 class Outbox(Protocol):
-    def claim_delivery(self, sender_id: str) -> tuple[Delivery, DeliveryLease] | None:
+    def claim_delivery(self, sender_id: str, *, token: str | None = None) -> tuple[Delivery, DeliveryLease] | None:
         """Lease the due pending delivery (trigger holds, `next_attempt_at` passed, no live lease) that is
-        due first; the lease lasts as long as a job's."""
+        due first, under `token` (default: a new one); the lease lasts as long as a job's. Safe to retry:
+        a delivery already leased under `token` is returned again."""
         ...
 
     def record_attempt(
