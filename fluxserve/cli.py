@@ -16,6 +16,7 @@ from fluxserve.api import create_app
 from fluxserve.api.worker_app import create_worker_app
 from fluxserve.config import Settings
 from fluxserve.contract import RequestError, parse_request
+from fluxserve.dbfile import CorruptDatabase
 from fluxserve.encode import encode_image
 from fluxserve.engine import load_engine
 from fluxserve.engine.tiny import save_tiny_model
@@ -208,7 +209,11 @@ def generate(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except CorruptDatabase as exc:  # a clear line, not a traceback: what is wrong and what to do
+        typer.echo(str(exc), err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import sqlite3
 
+import psycopg
 import redis
-
-try:  # psycopg is a core dependency, but a store error check must never fail to import
-    import psycopg
-except ImportError:  # pragma: no cover
-    psycopg = None  # type: ignore[assignment]
+from psycopg_pool import PoolClosed
 
 _SQLITE_TRANSIENT = {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN"}
 _SQLITE_TRANSIENT_PREFIXES = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR")
@@ -39,7 +36,7 @@ def is_disk_full(exc: BaseException) -> bool:
         return getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL"
     if isinstance(exc, OSError):
         return exc.errno == 28  # ENOSPC
-    if psycopg is not None and isinstance(exc, psycopg.errors.DiskFull):
+    if isinstance(exc, psycopg.errors.DiskFull):
         return True
     return isinstance(exc, redis.exceptions.OutOfMemoryError)
 
@@ -58,13 +55,14 @@ def is_transient(exc: BaseException) -> bool:
         return not isinstance(exc, redis.exceptions.AuthenticationError)
     if isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(("LOADING", "MISCONF", "READONLY")):
         return True
-    if psycopg is not None:
-        if isinstance(exc, psycopg.errors.IdleInTransactionSessionTimeout):
-            return True
-        if isinstance(exc, psycopg.OperationalError):
-            return exc.sqlstate is not None or not any(text in str(exc) for text in _PG_CONFIG_ERRORS)
-        if isinstance(exc, psycopg.InterfaceError):  # a connection the server closed under us
-            return True
+    if isinstance(exc, PoolClosed):  # this process closed its store: shutting down, not weather
+        return False
+    if isinstance(exc, psycopg.errors.IdleInTransactionSessionTimeout):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        return exc.sqlstate is not None or not any(text in str(exc) for text in _PG_CONFIG_ERRORS)
+    if isinstance(exc, psycopg.InterfaceError):  # a connection the server closed under us
+        return True
     if isinstance(exc, OSError):
         return exc.errno in (28, 104, 110, 111, 113)  # ENOSPC, ECONNRESET, ETIMEDOUT, ECONNREFUSED, EHOSTUNREACH
     return isinstance(exc, TimeoutError | ConnectionError)
