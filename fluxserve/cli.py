@@ -1,4 +1,4 @@
-"""`fluxserve serve | worker | migrate | keys | tiny-model | generate`."""
+"""`fluxserve serve | worker | migrate | keys | tiny-model | tiny-lora | generate`."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from tqdm import tqdm
 
 from fluxserve.api import create_app
 from fluxserve.api.worker_app import create_worker_app
+from fluxserve.catalog import ModelConfigError, split_model_flags
 from fluxserve.config import Settings
 from fluxserve.contract import RequestError, parse_request
 from fluxserve.dbfile import CorruptDatabase
 from fluxserve.encode import encode_image
 from fluxserve.engine import load_engine
-from fluxserve.engine.tiny import save_tiny_model
+from fluxserve.engine.tiny import save_tiny_lora, save_tiny_model
 from fluxserve.keys_cli import access_for, keys_app
 from fluxserve.logs import configure_logging
 from fluxserve.remote import generate_remote
@@ -27,7 +28,12 @@ from fluxserve.services import Services
 from fluxserve.stores import describe, is_shared, migrate_all
 
 ModelOption = Annotated[
-    str | None, typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]")
+    list[str] | None,
+    typer.Option(help="HF repo id, diffusers folder or .safetensors [env FLUXSERVE_MODEL]; SLUG=LOCATION serves "
+                      "it as /v1/SLUG, repeat for more models [env FLUXSERVE_MODELS]"),
+]
+ModelsFileOption = Annotated[
+    Path | None, typer.Option(help="TOML file: models with their own options [env FLUXSERVE_MODELS_FILE]")
 ]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-hosted FLUX text-to-image API.")
@@ -39,11 +45,19 @@ def settings_with(**overrides: object) -> Settings:
     return Settings().with_overrides(**overrides)
 
 
+def model_flags(model: list[str] | None, models_file: Path | None) -> dict[str, object]:
+    """`--model` (repeatable: a bare LOCATION is the default slug's, SLUG=LOCATION another model's) and
+    `--models-file`, as the flat settings they stand for."""
+    bare, pairs = split_model_flags(model or [])
+    return {"model": bare, "models": pairs, "models_file": models_file}
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address [env FLUXSERVE_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="Port [env FLUXSERVE_PORT]")] = None,
     model: ModelOption = None,
+    models_file: ModelsFileOption = None,
     data_dir: Annotated[Path | None, typer.Option(help="Jobs and outputs live here [env FLUXSERVE_DATA_DIR]")] = None,
     worker: Annotated[
         bool | None, typer.Option("--worker/--no-worker", help="Run jobs in this process [env FLUXSERVE_WORKER]")
@@ -56,8 +70,8 @@ def serve(
     """Start the API (with an embedded worker unless --no-worker / FLUXSERVE_WORKER=false)."""
     if auth not in (None, "required", "off", "auto"):
         raise typer.BadParameter("--auth must be required, off or auto")
-    flags: dict[str, object] = {"host": host, "port": port, "model": model, "data_dir": data_dir, "worker": worker,
-                                "auth": auth}
+    flags: dict[str, object] = {"host": host, "port": port, **model_flags(model, models_file), "data_dir": data_dir,
+                                "worker": worker, "auth": auth}
     settings = settings_with(**flags)
     if workers > 1:
         serve_processes(settings, flags, workers)
@@ -76,17 +90,19 @@ def worker_command(
         int | None, typer.Option(help="Jobs run side by side [env FLUXSERVE_WORKER_CONCURRENCY]")
     ] = None,
     models: Annotated[
-        str | None, typer.Option(help="Comma-separated slugs to claim [env FLUXSERVE_WORKER_MODELS]")
+        str | None,
+        typer.Option(help="Comma-separated slugs to load and claim (default: all) [env FLUXSERVE_WORKER_MODELS]"),
     ] = None,
     model: ModelOption = None,
+    models_file: ModelsFileOption = None,
     host: Annotated[
         str | None, typer.Option(help="Bind address of /health, /ready, /metrics [env FLUXSERVE_HOST]")
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port of /health, /ready, /metrics [env FLUXSERVE_PORT]")] = None,
 ) -> None:
     """Claim and run jobs from the shared store (FLUXSERVE_STORE); SIGTERM drains: the job in hand finishes."""
-    settings = settings_with(worker_concurrency=concurrency, worker_models=models, model=model, host=host,
-                             port=port)
+    settings = settings_with(worker_concurrency=concurrency, worker_models=models, **model_flags(model, models_file),
+                             host=host, port=port)
     run_http(create_worker_app(settings), settings)
 
 
@@ -163,6 +179,18 @@ def tiny_model(
     typer.echo(f"tiny FLUX pipeline written to {out_dir}")
 
 
+@app.command("tiny-lora")
+def tiny_lora(
+    out: Annotated[Path, typer.Argument(help="A .safetensors file, or a folder (diffusers' LoRA layout) to write")],
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank")] = 4,
+    seed: Annotated[int, typer.Option(help="Initialisation seed (same rank and seed, same weights)")] = 0,
+) -> None:
+    """Build a random LoRA for the tiny model's transformer (for demos and tests of per-request LoRAs:
+    put it in FLUXSERVE_LORA_DIR)."""
+    path = save_tiny_lora(out, rank=rank, seed=seed)
+    typer.echo(f"tiny LoRA (rank {rank}) written to {path}")
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="positivePrompt")],
@@ -211,7 +239,7 @@ def generate(
 def main() -> None:
     try:
         app()
-    except CorruptDatabase as exc:  # a clear line, not a traceback: what is wrong and what to do
+    except (CorruptDatabase, ModelConfigError) as exc:  # a clear line, not a traceback: what is wrong and what to do
         typer.echo(str(exc), err=True)
         raise SystemExit(2) from None
 

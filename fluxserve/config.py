@@ -48,6 +48,10 @@ class ModelSettings(Group):
     max_sequence_length: int = Field(512, ge=1, le=512)
     # LoRA adapters fused at start-up: comma-separated LOCATION[:SCALE] (.safetensors file, folder or repo id).
     loras: str = ""
+    # Per-request LoRAs (a request's `loras`): each *.safetensors file here, or subfolder holding one, is an
+    # adapter named by its stem (folder name); read afresh on each look-up.
+    lora_dir: Path | None = None
+    lora_cache_size: int = Field(8, ge=1)  # per-request adapters kept loaded (least recently used evicted)
     # "model_cpu_offload" (a component at a time on the GPU) or "sequential_cpu_offload" (layer by layer).
     memory_mode: Literal["none", "model_cpu_offload", "sequential_cpu_offload"] = "none"
     vae_tiling: bool = False  # decode in tiles: 2048² images with little memory (pixels differ slightly)
@@ -141,8 +145,11 @@ class WorkerSettings(Group):
 
     embedded: bool = True  # run a worker inside the API process
     concurrency: int = Field(1, ge=1)  # jobs one worker process runs side by side
-    models: str | None = None  # comma-separated slugs this worker claims; unset = the model's slug
+    models: str | None = None  # comma-separated slugs this worker loads and claims; unset = every served model
     previews: bool = True  # low-resolution latent previews in progress reports
+    # A worker advertises the models it serves in the shared store, renewed every third of this; an
+    # advert not renewed within it lapses (the API then answers 503 for a model no live worker serves).
+    presence_seconds: float = Field(15.0, gt=0)
 
 
 class WebhookSettings(Group):
@@ -200,6 +207,10 @@ class Settings(BaseSettings):
     public_url: str | None = None
     log_format: str = Field("json", pattern="^(json|text)$")
     log_level: str = "INFO"
+    # More models beside (or instead of) `model`: comma-separated SLUG=LOCATION, and/or a TOML file with
+    # per-model options (fluxserve/catalog.py).
+    models: str = ""
+    models_file: Path | None = None
 
     model: ModelSettings = ModelSettings()
     speed: SpeedSettings = SpeedSettings()
@@ -232,7 +243,10 @@ class Settings(BaseSettings):
 
     @property
     def worker_slugs(self) -> list[str]:
-        return [s.strip() for s in (self.worker.models or self.model.slug).split(",") if s.strip()]
+        """The slugs a worker of this process serves: `worker.models`, else every served model."""
+        from fluxserve.catalog import model_table, worker_slugs
+
+        return worker_slugs(self, model_table(self))
 
     @property
     def sqlite_path(self) -> Path:

@@ -41,6 +41,10 @@ class Metrics:
             "fluxserve_job_encode_seconds", "Encode + store time per completed job",
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        self.lora = Histogram(
+            "fluxserve_job_lora_seconds", "Per-request LoRA time per completed job: loading an adapter, "
+            "switching the active set", ["phase"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
         self.finished = Counter(
             "fluxserve_jobs_finished", "Jobs this process ended, by final state (lost = lease lost mid-job)",
             ["state"], registry=self.registry,
@@ -65,6 +69,9 @@ class Metrics:
         self.queue_wait.observe(metrics["queue_time"])
         self.inference.observe(metrics["inference_time"])
         self.encode.observe(metrics["encode_time"])
+        for phase in ("load", "swap"):
+            if f"lora_{phase}_seconds" in metrics:
+                self.lora.labels(phase).observe(metrics[f"lora_{phase}_seconds"])
         self.finished.labels(JobState.COMPLETED.value).inc()
 
     def job_ended(self, state: str) -> None:

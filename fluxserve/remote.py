@@ -11,6 +11,8 @@ from fluxserve.contract import GenerateRequest
 def generate_remote(server: str, api_key: str | None, request: GenerateRequest) -> bytes:
     """Submit `request`, show its queue position and steps in a tqdm bar, and return the image bytes."""
     params = request.model_dump(exclude={"base64"})
+    if not params.get("loras"):  # sent only when used, so an older server takes the request
+        params.pop("loras", None)
     with Client(server, api_key=api_key) as client, tqdm(total=request.steps, unit="step") as bar:
         slug = client.health()["slug"]
 

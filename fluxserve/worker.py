@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from fluxserve.contract import EXTENSIONS, JobState
@@ -178,10 +178,15 @@ class Worker:
         previews: bool = True,
         metrics: Metrics | None = None,
         moderation: Moderation | None = None,
+        engines: Mapping[str, Engine] | None = None,
+        moderations: Mapping[str, Moderation] | None = None,
     ) -> None:
         self.store = store
         self.outputs = outputs
         self.engine = engine
+        # Several models in one worker: a job runs on its slug's engine and moderation (else the defaults).
+        self.engines = engines or {}
+        self.moderations = moderations or {}
         self.lease_seconds = lease_seconds
         self.slugs = slugs
         self.idle_poll_seconds = idle_poll_seconds
@@ -355,12 +360,14 @@ class Worker:
                 raise GenerationCancelled()
 
         on_step(0, params.steps)  # a job cancelled (or past its deadline) while queued stops here
-        self.moderation.check_prompt(params.prompt)
+        engine = self.engines.get(job.slug, self.engine)
+        moderation = self.moderations.get(job.slug, self.moderation)
+        moderation.check_prompt(params.prompt)
         started = time.perf_counter()
         on_preview = progress.preview if self.previews else None
-        image = self.engine.generate(params, on_step=on_step, on_preview=on_preview)
+        image = engine.generate(params, on_step=on_step, on_preview=on_preview)
         inference_time = time.perf_counter() - started
-        self.moderation.check_image(image)
+        moderation.check_image(image)
 
         started = time.perf_counter()
         data, media_type = encode_image(image, request.outputFormat)
@@ -382,6 +389,6 @@ class Worker:
                 "scheduler": request.scheduler,
                 "attempts": job.attempts,
                 "bytes": len(data),
-                **self.engine.metrics(),
+                **engine.metrics(),
             },
         )

@@ -28,7 +28,7 @@ EXAMPLES_PER_OPERATION = 25
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 KEYED = {f"/v1/{SLUG}", f"/v2/{SLUG}", "/v2/requests/{job_id}/status", "/v2/requests/{job_id}",
          "/v2/requests/{job_id}/cancel", "/v2/requests/{job_id}/events", "/v2/media/{key}", "/v1/account",
-         "/v1/webhooks/default/secret"}
+         "/v1/webhooks/default/secret", "/v1/loras"}
 
 
 @pytest.fixture(scope="module")

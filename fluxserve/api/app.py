@@ -12,7 +12,19 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxserve import __version__
-from fluxserve.api import account, control, generate, observability, openapi, playground, requests, security
+from fluxserve.api import (
+    account,
+    control,
+    generate,
+    loras,
+    models,
+    observability,
+    openai_images,
+    openapi,
+    playground,
+    requests,
+    security,
+)
 from fluxserve.api.deps import ServicesDep, WriteLane
 from fluxserve.api.errors import ApiError, install_error_handlers
 from fluxserve.app.errors import NotFound
@@ -38,7 +50,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     install_error_handlers(app)
     app.get("/health", tags=["service"])(health)
     app.include_router(observability.router)
-    app.include_router(generate.router(settings.model.slug))
+    for slug in services.directory.slugs:  # /v1/{slug} and /v2/{slug} for every served model
+        app.include_router(generate.router(slug))
+    app.include_router(models.router)
+    app.include_router(loras.router)
+    app.include_router(openai_images.router)
     app.include_router(requests.router)
     app.include_router(account.router)
     app.include_router(control.router)
@@ -80,7 +96,7 @@ async def health(services: ServicesDep) -> dict[str, Any]:
     body: dict[str, Any] = {
         "status": "ok",
         "version": __version__,
-        "model": settings.model.model or "tiny random-weight demo model",
+        "model": settings.model.model or ("tiny random-weight demo model" if services.demo else None),
         "slug": settings.model.slug,
         "engine": services.engine.state,
         "demo": services.demo,
@@ -89,6 +105,9 @@ async def health(services: ServicesDep) -> dict[str, Any]:
         body["warning"] = DEMO_WARNING
     if services.engine.error:
         body["engine_error"] = services.engine.error
+    # Every served model: its state in this process's worker, or `external` (other processes run it).
+    body["models"] = {slug: services.engines[slug].state if slug in services.engines else "external"
+                      for slug in services.models}
     return body
 
 

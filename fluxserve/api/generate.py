@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 from typing import Any
 
 import anyio
@@ -50,10 +51,11 @@ _BODY_DOC = {
 }
 
 
-async def submit(request: Request, services: Services, caller: Caller) -> Job:
+async def submit(request: Request, services: Services, caller: Caller, slug: str | None = None) -> Job:
     body = await read_body(request, services.settings.api.max_body_bytes)
     headers = SubmitHeaders(request.headers.get("idempotency-key"), request.headers.get("cancel-after"))
-    job = await write_lane(request).run(services.submitter.submit, caller, body, headers, base_url(request, services))
+    job = await write_lane(request).run(functools.partial(services.submitter.submit, slug=slug), caller, body,
+                                        headers, base_url(request, services))
     annotate(job_id=job.id)
     return job
 
@@ -65,7 +67,7 @@ def router(slug: str) -> APIRouter:
               responses={200: {"content": {media_type: {} for media_type in MEDIA_TYPES.values()}}})
     async def generate_sync(request: Request, services: ServicesDep, caller: CallerDep) -> Response:
         """Generate and wait: the image bytes (or JSON with base64 when `base64` is true)."""
-        job = await submit(request, services, caller)
+        job = await submit(request, services, caller, slug)
         base = base_url(request, services)
         done, data = await anyio.to_thread.run_sync(
             services.results.wait, job, services.settings.api.sync_timeout_seconds,
@@ -82,7 +84,7 @@ def router(slug: str) -> APIRouter:
     @api.post(f"/v2/{slug}", openapi_extra=_BODY_DOC)
     async def generate_async(request: Request, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
         """Queue a generation; answers at once with the URLs to poll."""
-        job = await submit(request, services, caller)
+        job = await submit(request, services, caller, slug)
         # An Idempotency-Key replay answers with the first job, in whatever state it is now.
         return {"request_id": job.id, "status": job.state.value, **job_urls(base_url(request, services), job.id)}
 

@@ -78,12 +78,15 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "account": (401, 404),
     "webhook_secret": (401, 404),
     "health": (),
+    "list_models": (),
+    "get_model": (404,),
     "ready": (503,),
     "metrics": (),
 }
 ABOUT_ERRORS = (
     " Every error is `{\"error\": \"...\"}`; a wrong method answers 405 with `Allow`, and HEAD works wherever"
-    " GET does."
+    " GET does. `POST /v1/images/generations` is OpenAI's Images API (request, answer and error shapes as"
+    " OpenAI documents them), so it is not listed here."
 )
 
 

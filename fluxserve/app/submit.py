@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +30,10 @@ from fluxserve.app.access import Access, Caller
 from fluxserve.app.billing import Billing
 from fluxserve.app.body import decode_json
 from fluxserve.app.control import DeadlineWatcher, parse_cancel_after
-from fluxserve.app.errors import Conflict, InvalidRequest, ModelUnavailable, RateLimited
+from fluxserve.app.errors import Conflict, DomainError, InvalidRequest, NotFound, RateLimited
 from fluxserve.app.webhook_owners import OwnerWebhooks
 from fluxserve.contract import GenerateRequest, RequestError, parse_request
+from fluxserve.engine.lora import LoraRegistry, UnknownLora
 from fluxserve.jobs import (
     Deadline,
     IdempotencyConflict,
@@ -149,9 +150,14 @@ class Submitter:
         webhooks: OwnerWebhooks,
         deadlines: DeadlineWatcher,
         allow_private_webhooks: bool,
-        model_unavailable: Callable[[], str | None] = lambda: None,
+        model_unavailable: Callable[[str], DomainError | None] = lambda _slug: None,
+        slugs: Collection[str] | None = None,
+        billing_for: Callable[[str], Billing] | None = None,
+        loras_for: Callable[[str], LoraRegistry | None] = lambda _slug: None,
     ) -> None:
-        self.slug = slug
+        self.slug = slug  # the model a submit is for unless it names another
+        # Every model that may be asked for (None: only `slug`); another is NotFound.
+        self.slugs = slugs if slugs is not None else (slug,)
         self.jobs = jobs
         self.accounts = accounts
         self.access = access
@@ -159,30 +165,42 @@ class Submitter:
         self.webhooks = webhooks
         self.deadlines = deadlines
         self.allow_private_webhooks = allow_private_webhooks
-        # Why no job can run (the model failed to load), or None.
+        # Why no job for a model can run (it failed to load, no worker serves it), or None.
         self.model_unavailable = model_unavailable
+        # The billing that prices a model's jobs (each model may have its own price).
+        self.billing_for = billing_for or (lambda _slug: billing)
+        # The LoRA adapters a model's requests may name (None: no check here, the worker's engine decides).
+        self.loras_for = loras_for
 
-    def submit(self, caller: Caller, body: bytes, headers: SubmitHeaders, base_url: str) -> Job:
+    def submit(self, caller: Caller, body: bytes, headers: SubmitHeaders, base_url: str, *,
+               slug: str | None = None) -> Job:
         """The stored job: this one, or an earlier one with the same Idempotency-Key (charged once)."""
-        self.access.authorize_model(caller, self.slug)
+        slug = slug or self.slug
+        if slug not in self.slugs:
+            raise NotFound(f"Model not found: {slug}")
+        self.access.authorize_model(caller, slug)
         payload = decode_json(body)
         options = take_submit_options(payload, headers)
         try:
             params = parse_request(payload).with_resolved_seed()
+            self._check_loras(slug, params)
         except RequestError as exc:
             raise InvalidRequest(str(exc)) from None
         idempotency = None
         if options.idempotency_key:
-            idempotency = IdempotencyKey(options.idempotency_key, options.fingerprint, caller.account_id)
+            fingerprint = options.fingerprint
+            if slug != self.slug:  # one key, the same body, another model: another request
+                fingerprint = hashlib.sha256(f"{slug}:{fingerprint}".encode()).hexdigest()
+            idempotency = IdempotencyKey(options.idempotency_key, fingerprint, caller.account_id)
             earlier = self._replay(idempotency)
             if earlier is not None:  # answered from the stored request: neither throttled nor charged
                 return earlier
-        reason = self.model_unavailable()
-        if reason is not None:
-            raise ModelUnavailable(f"The model is not available: {reason}")
-        job = Job(id=new_job_id(), slug=self.slug, params=params, owner=caller.account_id, created_at=time.time())
+        problem = self.model_unavailable(slug)
+        if problem is not None:
+            raise problem
+        job = Job(id=new_job_id(), slug=slug, params=params, owner=caller.account_id, created_at=time.time())
         self._take_rate_token(caller)
-        cost = self.billing.reserve(caller, job)
+        cost = self.billing_for(slug).reserve(caller, job)
         try:
             stored = self._store(job, cost, options, idempotency, caller, base_url)
         except Exception as exc:
@@ -204,6 +222,16 @@ class Submitter:
         if stored.id != job.id:
             self.billing.refund_replay(caller, job.id)
         return stored
+
+    def _check_loras(self, slug: str, params: GenerateRequest) -> None:
+        """An adapter the model's registry lacks is a 400 (listing the registered names), never a job."""
+        registry = self.loras_for(slug) if params.loras else None
+        if registry is None:
+            return
+        try:
+            registry.check(lora.name for lora in params.loras)
+        except UnknownLora as exc:
+            raise RequestError(f"loras: {exc}") from None
 
     def _look_up(self, job_id: str) -> Job | None:
         """The job as the store holds it after a failed submit; None when it is not there (or the

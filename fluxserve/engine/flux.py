@@ -3,8 +3,9 @@
 Every request gets its own scheduler instance and its own `torch.Generator` seeded from the request,
 so the same request gives the same pixels and concurrent jobs never share sampler state. Any
 width/height in range is honoured exactly: the pipeline runs at the next multiple of 16 and the
-result is center-cropped. torch and diffusers are imported inside the calls that need them, so an
-API process that never runs the model never loads them.
+result is center-cropped. A request's LoRA adapters are applied (and a previous job's taken off) under
+the same lock as the generation (fluxserve/engine/lora.py). torch and diffusers are imported inside the
+calls that need them, so an API process that never runs the model never loads them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 from typing import Any
 
 from fluxserve.engine.errors import InvalidImage, OutOfMemory
+from fluxserve.engine.lora import DEFAULT_CACHE_SIZE, LoraRegistry, request_adapters
 from fluxserve.engine.memory import after_generation, release_memory
 from fluxserve.engine.optimize import AppliedSpeed
 from fluxserve.engine.preview import LatentPreviews
@@ -24,7 +26,9 @@ from fluxserve.engine.sizes import center_crop, padded
 class FluxEngine:
     """The `Engine` of a loaded FLUX pipeline."""
 
-    def __init__(self, pipeline, *, max_sequence_length: int = 512, description: str = "", speed=None) -> None:
+    def __init__(self, pipeline, *, max_sequence_length: int = 512, description: str = "", speed=None,
+                 loras: LoraRegistry | None = None, lora_cache_size: int = DEFAULT_CACHE_SIZE,
+                 lora_slots: bool | None = None) -> None:
         self.pipeline = pipeline
         self.max_sequence_length = max_sequence_length
         self.description = description
@@ -34,11 +38,19 @@ class FluxEngine:
         # One generation at a time per pipeline: the modules are shared, and on one GPU running two
         # denoising loops side by side is slower than running them one after the other.
         self._lock = threading.Lock()
+        # Per-request LoRAs: in fixed slots when the transformer is compiled (set up here, before the
+        # warm-up compiles it), else loaded by name on first use. `lora_slots` overrides the choice.
+        if lora_slots is None:
+            lora_slots = bool(self.speed.plan.options.compile and self.speed.compiled)
+        self.adapters = request_adapters(pipeline, loras, cache_size=lora_cache_size, slots=lora_slots)
+        self._job = threading.local()  # this thread's last job's LoRA figures
 
     def metrics(self) -> dict[str, Any]:
         # speed_preset, speed_options, attention_backend; `compiled`: whether this thread's last job ran
-        # the compiled graphs (the worker asks right after its job, on the same thread).
-        return self.speed.metrics()
+        # the compiled graphs; lora_load_seconds, lora_swap_seconds (and `loras`) of this thread's last
+        # job (the worker asks right after its job, on the same thread).
+        applied = getattr(self._job, "loras", None)
+        return {**self.speed.metrics(), **(applied.metrics() if applied is not None else {})}
 
     def generate(
         self,
@@ -77,26 +89,37 @@ class FluxEngine:
             return tensors
 
         speed = self.speed.during(pipe, padded(params.width), padded(params.height))  # speed options
-        with self._lock, torch.inference_mode(), speed:
-            try:
-                pixels = pipe(
-                    prompt=params.prompt,
-                    width=padded(params.width),
-                    height=padded(params.height),
-                    num_inference_steps=params.steps,
-                    guidance_scale=float(params.guidance),
-                    generator=generator,
-                    max_sequence_length=self.max_sequence_length,
-                    callback_on_step_end=step_end,
-                    output_type="np",
-                ).images
-            except torch.OutOfMemoryError:
-                release_memory()
-                raise OutOfMemory(params.width, params.height) from None
-            finally:
-                after_generation(self.pipeline)
+        with self._lock:
+            # This job's adapters and scales, none of the previous job's (outside inference mode: loading
+            # an adapter creates parameters).
+            self._job.loras = None
+            self._job.loras = self.adapters.apply(params.loras)
+            with torch.inference_mode(), speed:
+                pixels = self._run(pipe, params, generator, step_end)
         # Checked before the cast to 8 bits, which would silently turn NaN into black.
         if not np.isfinite(pixels).all():
             raise InvalidImage()
         image = pipe.image_processor.numpy_to_pil(pixels)[0]
         return center_crop(image, params.width, params.height)
+
+    def _run(self, pipe, params: GenerationParams, generator, step_end):
+        import torch
+
+        try:
+            return pipe(
+                prompt=params.prompt,
+                width=padded(params.width),
+                height=padded(params.height),
+                num_inference_steps=params.steps,
+                guidance_scale=float(params.guidance),
+                generator=generator,
+                max_sequence_length=self.max_sequence_length,
+                callback_on_step_end=step_end,
+                output_type="np",
+            ).images
+        except torch.OutOfMemoryError:
+            release_memory()
+            raise OutOfMemory(params.width, params.height) from None
+        finally:
+            after_generation(self.pipeline)
+

@@ -10,6 +10,7 @@ from fluxserve.config import Settings
 from fluxserve.engine.fake import PREFIX, SleepingEngine
 from fluxserve.engine.flux import FluxEngine
 from fluxserve.engine.loading import ModelSource, load_pipeline, resolve_device_and_dtype
+from fluxserve.engine.lora import LoraRegistry, plan_for_request_loras
 from fluxserve.engine.memory import load_device, prepare_pipeline
 from fluxserve.engine.optimize import apply_speed
 from fluxserve.engine.protocol import Engine
@@ -30,11 +31,14 @@ def load_engine(settings: Settings) -> Engine:
     started = time.perf_counter()
     pipeline = load_pipeline(source, device=load_device(config, device), dtype=dtype)
     prepare_pipeline(pipeline, config, device)  # LoRA fusing, then the memory mode
-    log.info("model loaded in %.1fs", time.perf_counter() - started)
+    log.info("model %s loaded in %.1fs", config.slug, time.perf_counter() - started)
     # Speed options (fluxserve/engine/speed.py, optimize.py): applied, then warmed up before serving.
     plan = plan_speed(settings.speed, config, device, compile_cache_dir=settings.compile_cache_dir)
-    speed = apply_speed(pipeline, plan)
-    engine = FluxEngine(pipeline, max_sequence_length=config.max_sequence_length, description=model, speed=speed)
+    loras = LoraRegistry.from_settings(config)  # per-request LoRAs (fluxserve/engine/lora.py)
+    loras.log_summary()
+    speed = apply_speed(pipeline, plan_for_request_loras(plan, loras))
+    engine = FluxEngine(pipeline, max_sequence_length=config.max_sequence_length, description=model, speed=speed,
+                        loras=loras, lora_cache_size=config.lora_cache_size)
     speed.warm_up(engine.generate)
     return engine
 

@@ -25,6 +25,14 @@ class GenerationCancelled(Exception):
 
 
 @dataclass(frozen=True)
+class LoraWeight:
+    """One per-request LoRA adapter: a name from the operator's registry, and its scale (0: no effect)."""
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """An engine's parameters (the contract's request maps onto them in one place:
     `GenerateRequest.generation_params`)."""
@@ -36,6 +44,8 @@ class GenerationParams:
     seed: int
     guidance: float
     scheduler: str = "Euler"
+    # Per-request LoRA adapters (fluxserve/engine/lora.py); the queue-only fake engine ignores them.
+    loras: tuple[LoraWeight, ...] = ()
 
 
 @runtime_checkable

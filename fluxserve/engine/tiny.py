@@ -3,7 +3,8 @@
 It has every component of FLUX.1 (the MMDiT transformer, a 16-channel VAE, CLIP and T5 text
 encoders with their tokenizers, the flow-matching Euler scheduler with FLUX.1-dev's shift settings),
 only ~1 MB of them. It produces noise-like images, which is what a demo and the test-suite need: the
-real pipeline code path, end to end, with no weights to download.
+real pipeline code path, end to end, with no weights to download. `save_tiny_lora` writes a random LoRA
+that fits every tiny model (for per-request LoRAs).
 """
 
 from __future__ import annotations
@@ -24,6 +25,37 @@ FLUX_SCHEDULER_CONFIG = {
 }
 
 _HIDDEN = 32  # text encoders' width; also the transformer's joint/pooled projection width
+
+TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": _HIDDEN,
+    "pooled_projection_dim": _HIDDEN,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 4, 8),
+}
+
+# What `save_tiny_lora` adapts: every attention projection of the double-stream block (image and text
+# streams) and of the single-stream block, and the single block's output projection. The usual targets of
+# a FLUX LoRA, all present in every seed's tiny model.
+TINY_LORA_TARGETS = (
+    "transformer_blocks.0.attn.to_q",
+    "transformer_blocks.0.attn.to_k",
+    "transformer_blocks.0.attn.to_v",
+    "transformer_blocks.0.attn.to_out.0",
+    "transformer_blocks.0.attn.add_q_proj",
+    "transformer_blocks.0.attn.add_k_proj",
+    "transformer_blocks.0.attn.add_v_proj",
+    "transformer_blocks.0.attn.to_add_out",
+    "single_transformer_blocks.0.attn.to_q",
+    "single_transformer_blocks.0.attn.to_k",
+    "single_transformer_blocks.0.attn.to_v",
+    "single_transformer_blocks.0.proj_out",
+)
 
 
 def _byte_level_alphabet() -> list[str]:
@@ -71,18 +103,7 @@ def build_tiny_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     # diffusers' and transformers' classes are only partly typed.
-    transformer: Any = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=_HIDDEN,
-        pooled_projection_dim=_HIDDEN,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 4, 8),
-    )
+    transformer: Any = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
     torch.manual_seed(seed + 1)
     vae: Any = AutoencoderKL(
         in_channels=3,
@@ -142,3 +163,42 @@ def save_tiny_model(out_dir: Path | str, seed: int = 0) -> Path:
     out = Path(out_dir)
     build_tiny_pipeline(seed).save_pretrained(out)
     return out
+
+
+def tiny_lora_weights(rank: int = 4, seed: int = 0, strength: float = 0.5) -> dict[str, Any]:
+    """A random LoRA for the tiny transformer, in the diffusers/PEFT key layout
+    (`transformer.<module>.lora_A.weight` (rank × in), `...lora_B.weight` (out × rank), alpha = rank).
+
+    Both factors are random (a trained LoRA's B starts at zero; here the image must change visibly):
+    A ~ N(0, 1/in), B ~ N(0, strength²), so B·A moves each weight by about strength·√(rank/in), as much as
+    the layer's own weights are (≈ 1/√(3·in)) or more. Identical for the same rank, seed and strength."""
+    import torch
+
+    if rank < 1:
+        raise ValueError("rank must be at least 1")
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):  # the layer shapes only, no weights
+        transformer: Any = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for target in TINY_LORA_TARGETS:
+        layer = transformer.get_submodule(target)
+        down = torch.randn(rank, layer.in_features, generator=generator) / layer.in_features**0.5
+        up = torch.randn(layer.out_features, rank, generator=generator) * strength
+        weights[f"transformer.{target}.lora_A.weight"] = down.contiguous()
+        weights[f"transformer.{target}.lora_B.weight"] = up.contiguous()
+    return weights
+
+
+def save_tiny_lora(out: Path | str, rank: int = 4, seed: int = 0, strength: float = 0.5) -> Path:
+    """Write `tiny_lora_weights` as one `.safetensors` file: `out` itself when it ends in `.safetensors`,
+    else `out/pytorch_lora_weights.safetensors` (diffusers' folder layout). Returns the file."""
+    from safetensors.torch import save_file
+
+    path = Path(out)
+    if path.suffix != ".safetensors":
+        path = path / "pytorch_lora_weights.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tiny_lora_weights(rank, seed, strength), path, metadata={"format": "pt"})
+    return path

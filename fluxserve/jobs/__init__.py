@@ -217,9 +217,15 @@ class JobStore(Protocol):
         """Block until the job is COMPLETED or FAILED or `timeout` passes; return its latest record."""
         ...
 
-    def purge_expired(self) -> list[Job]:
-        """Delete jobs past their retention window (with their deliveries and idempotency keys) and
-        return them (their media goes too)."""
+    def expired(self, limit: int = 500) -> list[Job]:
+        """Up to `limit` ended jobs past their retention window, still stored: the janitor deletes their
+        media first, then purges them, so a purge whose reply was lost loses no media to delete."""
+        ...
+
+    def purge_expired(self, job_ids: Sequence[str] | None = None) -> list[Job]:
+        """Delete the jobs past their retention window (only those of `job_ids`, when given) with their
+        deliveries and idempotency keys, and return those this call deleted (a re-run finds them gone;
+        their media are the caller's to delete, see `expired`)."""
         ...
 
     def count_by_state(self) -> dict[str, int]:

@@ -8,7 +8,11 @@ where `now()` does not), stored as epoch seconds as the Job record exposes them.
 
 Every transition can be re-run after a lost reply: a claim or a delivery lease retried with its
 token returns what the first call leased, and a completion or failure retried with its lease answers
-True again (an ended job keeps the token it ended under).
+True again (an ended job keeps the token it ended under). So the store re-runs a call itself, with the
+same arguments, when it meets a transient fault (a reply lost after the server may have acted, a lost
+COMMIT acknowledgement), as the Redis client re-sends a command: each try is cut on the client side
+when its reply is late, and the whole call, retries included, fits in a third of the lease
+(`pgdb.CallTimeouts`).
 
 Waiting does not poll the table in a tight loop: a submit NOTIFYs its slug and an ended job its id,
 in the transaction that made the change, and one listener thread per store, on a connection of its
@@ -23,15 +27,16 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import Cursor, sql
 from psycopg.errors import UniqueViolation
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
+from psycopg_pool import PoolTimeout
 
 from fluxserve.contract import JobState
 from fluxserve.jobs import (
@@ -45,9 +50,12 @@ from fluxserve.jobs import (
 )
 from fluxserve.jobs.outbox import Delivery, DeliveryLease, DeliveryState
 from fluxserve.jobs.policy import RECLAIM_DELAY_CAP, LeasePolicy, idempotency_scope
-from fluxserve.pgdb import CONNECT_TIMEOUT_S, migrate, open_pool
+from fluxserve.pgdb import CONNECT_TIMEOUT_S, CallTimeouts, migrate, open_pool, watchdog
+from fluxserve.store_faults import is_transient
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Versioned schema steps (step n is version n): append a step, never edit one already released.
 _MIGRATIONS = [
@@ -166,9 +174,29 @@ UPDATE deliveries SET attempts = attempts || jsonb_build_array(%(attempt)s::json
 FROM t
 WHERE id = %(id)s AND lease_token = %(token)s AND lease_expires_at IS NOT NULL AND state = 'pending'"""
 
+# The jobs of some models waiting or running: what an autoscaler polls to size those models' workers
+# (deploy/helm's KEDA `postgresql` triggers run `active_jobs_query(slugs)` as it is: literal SQL, no
+# parameters). Counting running jobs too keeps a worker from being scaled away under the job in hand.
+ACTIVE_JOBS_QUERY = ("SELECT count(*) FROM jobs WHERE slug = ANY(ARRAY[{slugs}]) "
+                     "AND state IN ('QUEUED', 'PROCESSING')")
+
+
+def active_jobs_query(slugs: Sequence[str]) -> str:
+    """ACTIVE_JOBS_QUERY for these slugs, each quoted as an SQL string literal."""
+    if not slugs:
+        raise ValueError("active_jobs_query needs at least one slug")
+    return ACTIVE_JOBS_QUERY.format(slugs=", ".join("'" + slug.replace("'", "''") + "'" for slug in slugs))
+
+
 # How often a waiter re-reads the table without a notification: what a lost one costs at most.
 _RECHECK_SECONDS = 1.0
 _SUBMIT_TRIES = 3  # a submit that lost an idempotency race finds the winner on its next try
+# A call re-run after a transient fault: first pause, doubling up to the cap; at most _RUNS runs in
+# all (as the Redis client's 3 re-sends), and none in a remainder of the budget shorter than the last figure.
+_RETRY_FIRST_S = 0.02
+_RETRY_CAP_S = 0.5
+_RUNS = 4
+_RETRY_MIN_WINDOW_S = 0.25
 _ANY = "*"  # a waiter for any payload of its channel
 _MAX_PAYLOAD_BYTES = 7999  # NOTIFY refuses 8000 bytes and more
 _MAX_CHANNEL_BYTES = 63  # NAMEDATALEN - 1: pg_notify refuses longer names, LISTEN truncates them
@@ -177,7 +205,9 @@ _MAX_CHANNEL_BYTES = 63  # NAMEDATALEN - 1: pg_notify refuses longer names, LIST
 class PostgresJobStore:
     def __init__(self, url: str, *, policy: LeasePolicy | None = None) -> None:
         self.policy = policy or LeasePolicy()
-        self.pool = open_pool(url, name="fluxserve-jobs")
+        self.timeouts = CallTimeouts.for_lease(self.policy.lease_seconds)
+        self._local = threading.local()  # the deadline of the call this thread is making
+        self.pool = open_pool(url, name="fluxserve-jobs", lease_seconds=self.policy.lease_seconds)
         try:
             migrate(self.pool, "jobs", _MIGRATIONS)
             schema = self._one("SELECT current_schema() AS name")["name"]
@@ -201,19 +231,71 @@ class PostgresJobStore:
     @contextmanager
     def _cursor(self, *, transaction: bool = False) -> Iterator[Cursor[DictRow]]:
         """A cursor on a pooled autocommit connection (one statement, one transaction), or inside an
-        explicit transaction."""
-        with self.pool.connection() as conn:
+        explicit transaction; the try (the borrow included) is cut once its time is up."""
+        started = time.monotonic()
+        deadline = getattr(self._local, "deadline", None)
+        seconds = self.timeouts.per_try if deadline is None else min(self.timeouts.per_try, deadline - started)
+        seconds = max(seconds, _RETRY_MIN_WINDOW_S)
+        with self.pool.connection(timeout=min(self.timeouts.pool, seconds)) as conn, \
+                watchdog.guard(conn, seconds - (time.monotonic() - started)):
             if transaction:
                 with conn.transaction():
                     yield conn.cursor(row_factory=dict_row)
             else:
                 yield conn.cursor(row_factory=dict_row)
 
+    def _call(self, run: Callable[[bool], T]) -> T:
+        """`run(retried)`, run again (`retried` True) after a transient fault met once a request may have
+        gone out, while the call's budget lasts. The first try may have taken effect before its reply was
+        lost: every transition answers a re-run with the same arguments as it answered the first. A call
+        that got no connection (PoolTimeout: nothing was sent) is not re-run: the store is down, the
+        caller's own policy applies (the worker retries, the API answers 503)."""
+        outer = getattr(self._local, "deadline", None)
+        deadline = time.monotonic() + self.timeouts.budget if outer is None else outer
+        self._local.deadline = deadline
+        delay, retried, runs = _RETRY_FIRST_S, False, 0
+        try:
+            while True:
+                runs += 1
+                try:
+                    return run(retried)
+                except Exception as exc:
+                    if (not is_transient(exc) or isinstance(exc, PoolTimeout) or runs >= _RUNS
+                            or deadline - time.monotonic() - delay < _RETRY_MIN_WINDOW_S):
+                        raise
+                    log.info("PostgreSQL call failed (%s: %s); running it again", type(exc).__name__,
+                             str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                time.sleep(delay)
+                delay, retried = min(delay * 2, _RETRY_CAP_S), True
+        finally:
+            self._local.deadline = outer
+
     def _one(self, query: str, params: Any = None) -> DictRow:
-        with self._cursor() as cur:
-            row = cur.execute(query, params).fetchone()
+        row = self._fetch_one(query, params)
         assert row is not None, query
         return row
+
+    def _fetch_one(self, query: str, params: Any = None) -> DictRow | None:
+        def run(_retried: bool) -> DictRow | None:
+            with self._cursor() as cur:
+                return cur.execute(query, params).fetchone()
+
+        return self._call(run)
+
+    def _fetch_all(self, query: str, params: Any = None) -> list[DictRow]:
+        def run(_retried: bool) -> list[DictRow]:
+            with self._cursor() as cur:
+                return cur.execute(query, params).fetchall()
+
+        return self._call(run)
+
+    def _rowcount(self, query: str, params: Any = None) -> int:
+        """Run one statement whose re-run changes nothing more (and matches as many rows); its row count."""
+        def run(_retried: bool) -> int:
+            with self._cursor() as cur:
+                return cur.execute(query, params).rowcount
+
+        return self._call(run)
 
     def _policy_params(self) -> dict[str, Any]:
         policy = self.policy
@@ -229,12 +311,12 @@ class PostgresJobStore:
         job.state = JobState.QUEUED
         for _ in range(_SUBMIT_TRIES - 1):
             try:
-                return self._submit(job, deliveries, idempotency)
+                return self._call(lambda _retried: self._submit(job, deliveries, idempotency))
             except UniqueViolation as exc:
                 # A concurrent submit with the same key committed first; the next try returns its job.
                 if exc.diag.constraint_name != "jobs_idempotency":
                     raise
-        return self._submit(job, deliveries, idempotency)
+        return self._call(lambda _retried: self._submit(job, deliveries, idempotency))
 
     def _submit(self, job: Job, deliveries: Sequence[Delivery], idempotency: IdempotencyKey | None) -> Job:
         idem_key = idempotency_scope(idempotency) if idempotency else None
@@ -285,9 +367,8 @@ class PostgresJobStore:
         return job_from_record(row)
 
     def find_idempotent(self, idempotency: IdempotencyKey) -> Job | None:
-        with self._cursor() as cur:
-            row = cur.execute(f"{_NOW} SELECT jobs.* FROM jobs, t WHERE idem_key = %s AND {_LIVE}",
-                              (idempotency_scope(idempotency),)).fetchone()
+        row = self._fetch_one(f"{_NOW} SELECT jobs.* FROM jobs, t WHERE idem_key = %s AND {_LIVE}",
+                              (idempotency_scope(idempotency),))
         if row is None:
             return None
         if row["idem_fingerprint"] != idempotency.fingerprint:
@@ -295,34 +376,36 @@ class PostgresJobStore:
         return job_from_record(row)
 
     def get(self, job_id: str) -> Job | None:
-        with self._cursor() as cur:
-            row = cur.execute(f"{_NOW} SELECT jobs.* FROM jobs, t WHERE id = %s AND {_LIVE}", (job_id,)).fetchone()
+        row = self._fetch_one(f"{_NOW} SELECT jobs.* FROM jobs, t WHERE id = %s AND {_LIVE}", (job_id,))
         return job_from_record(row) if row else None
 
     def queue_position(self, job_id: str) -> int | None:
-        with self._cursor() as cur:
-            row = cur.execute(
-                """SELECT (SELECT count(*) FROM jobs ahead
-                           WHERE ahead.state = 'QUEUED' AND ahead.slug = me.slug AND ahead.seq < me.seq) AS n
-                   FROM jobs me WHERE me.id = %s AND me.state = 'QUEUED'""",
-                (job_id,),
-            ).fetchone()
+        row = self._fetch_one(
+            """SELECT (SELECT count(*) FROM jobs ahead
+                       WHERE ahead.state = 'QUEUED' AND ahead.slug = me.slug AND ahead.seq < me.seq) AS n
+               FROM jobs me WHERE me.id = %s AND me.state = 'QUEUED'""",
+            (job_id,),
+        )
         return int(row["n"]) if row else None
 
     def claim(
         self, worker_id: str, slugs: list[str] | None = None, *, token: str | None = None
     ) -> tuple[Job, Lease] | None:
-        retried = token is not None
+        given = token is not None
         token = token or self.policy.new_token(worker_id)
         params = self._policy_params() | {"token": token, "slugs": slugs}
-        with self._cursor(transaction=True) as cur:
-            row = None
-            if retried:  # the first call may have leased a job already, its reply lost
-                row = cur.execute("SELECT * FROM jobs WHERE lease_token = %s AND state = 'PROCESSING'",
-                                  (token,)).fetchone()
-            if row is None:
+
+        def run(retried: bool) -> DictRow | None:
+            with self._cursor(transaction=True) as cur:
+                if given or retried:  # an earlier try may have leased a job already, its reply lost
+                    row = cur.execute("SELECT * FROM jobs WHERE lease_token = %s AND state = 'PROCESSING'",
+                                      (token,)).fetchone()
+                    if row is not None:
+                        return row
                 cur.execute(_FAIL_EXHAUSTED, params)
-                row = cur.execute(_CLAIM.format(slug_filter=_slug_filter(slugs)), params).fetchone()
+                return cur.execute(_CLAIM.format(slug_filter=_slug_filter(slugs)), params).fetchone()
+
+        row = self._call(run)
         if row is None:
             return None
         return job_from_record(row), Lease(row["id"], token)
@@ -338,16 +421,15 @@ class PostgresJobStore:
 
     def _has_work(self, slugs: list[str] | None) -> bool:
         query = _HAS_WORK.format(slug_filter=_slug_filter(slugs))
-        return bool(self._one(query, self._policy_params() | {"slugs": slugs})["work"])
+        row = self._fetch_one(query, self._policy_params() | {"slugs": slugs})
+        return bool(row and row["work"])
 
     def heartbeat(self, lease: Lease) -> bool:
-        with self._cursor() as cur:
-            cur.execute(
-                f"""{_NOW} UPDATE jobs SET lease_expires_at = t.now + %s FROM t
-                    WHERE id = %s AND lease_token = %s AND state = 'PROCESSING'""",
-                (self.policy.lease_seconds, lease.job_id, lease.token),
-            )
-            return cur.rowcount == 1
+        return self._rowcount(
+            f"""{_NOW} UPDATE jobs SET lease_expires_at = t.now + %s FROM t
+                WHERE id = %s AND lease_token = %s AND state = 'PROCESSING'""",
+            (self.policy.lease_seconds, lease.job_id, lease.token),
+        ) == 1
 
     def complete(self, lease: Lease, result: JobResult) -> bool:
         return self._finish(lease, JobState.COMPLETED, result=result, error=None)
@@ -360,24 +442,27 @@ class PostgresJobStore:
             "id": lease.job_id, "token": lease.token, "state": state.value, "error": error,
             "result": Jsonb(dataclasses.asdict(result)) if result else None,
         }
-        with self._cursor() as cur:
-            cur.execute(_FINISH, params)
-            if cur.rowcount == 1:
-                return True
-            # A retry of a call that already took effect: the job ended in this state under this lease.
-            cur.execute("SELECT 1 FROM jobs WHERE id = %s AND lease_token = %s AND state = %s",
-                        (lease.job_id, lease.token, state.value))
-            return cur.fetchone() is not None
+
+        def run(_retried: bool) -> bool:
+            with self._cursor() as cur:
+                cur.execute(_FINISH, params)
+                if cur.rowcount == 1:
+                    return True
+                # A retry of a call that already took effect: the job ended in this state under this lease.
+                cur.execute("SELECT 1 FROM jobs WHERE id = %s AND lease_token = %s AND state = %s",
+                            (lease.job_id, lease.token, state.value))
+                return cur.fetchone() is not None
+
+        return self._call(run)
 
     def report_progress(self, lease: Lease, progress: dict[str, Any]) -> bool:
-        with self._cursor() as cur:
-            cur.execute("UPDATE jobs SET progress = %s WHERE id = %s AND lease_token = %s AND state = 'PROCESSING'",
-                        (Jsonb(progress), lease.job_id, lease.token))
-            return cur.rowcount == 1
+        return self._rowcount(
+            "UPDATE jobs SET progress = %s WHERE id = %s AND lease_token = %s AND state = 'PROCESSING'",
+            (Jsonb(progress), lease.job_id, lease.token),
+        ) == 1
 
     def cancel(self, job_id: str, error: str) -> Job | None:
-        with self._cursor() as cur:
-            cur.execute(_CANCEL, self._policy_params() | {"id": job_id, "error": error})
+        self._rowcount(_CANCEL, self._policy_params() | {"id": job_id, "error": error})
         return self.get(job_id)
 
     def wait_terminal(self, job_id: str, timeout: float) -> Job | None:
@@ -391,18 +476,21 @@ class PostgresJobStore:
                 ended.wait(min(remaining, _RECHECK_SECONDS))
                 ended.clear()
 
-    def purge_expired(self) -> list[Job]:
+    def expired(self, limit: int = 500) -> list[Job]:
+        rows = self._fetch_all(f"{_NOW} SELECT jobs.* FROM jobs, t WHERE expires_at <= t.now ORDER BY expires_at "
+                               "LIMIT %s", (limit,))
+        return [job_from_record(row) for row in rows]
+
+    def purge_expired(self, job_ids: Sequence[str] | None = None) -> list[Job]:
         # One statement: the jobs go, and their deliveries with them (ON DELETE CASCADE).
-        with self._cursor() as cur:
-            rows = cur.execute(
-                f"{_NOW} DELETE FROM jobs USING t WHERE expires_at <= t.now RETURNING jobs.*"
-            ).fetchall()
+        only = "" if job_ids is None else "AND id = ANY(%s)"
+        rows = self._fetch_all(f"{_NOW} DELETE FROM jobs USING t WHERE expires_at <= t.now {only} RETURNING jobs.*",
+                               None if job_ids is None else (list(job_ids),))
         return [job_from_record(row) for row in rows]
 
     def count_by_state(self) -> dict[str, int]:
-        with self._cursor() as cur:
-            rows = cur.execute(f"{_NOW} SELECT state, count(*) AS n FROM jobs, t WHERE {_LIVE} GROUP BY state")
-            return {state.value: 0 for state in JobState} | {row["state"]: int(row["n"]) for row in rows}
+        rows = self._fetch_all(f"{_NOW} SELECT state, count(*) AS n FROM jobs, t WHERE {_LIVE} GROUP BY state")
+        return {state.value: 0 for state in JobState} | {row["state"]: int(row["n"]) for row in rows}
 
     def ping(self) -> bool:
         try:
@@ -426,18 +514,22 @@ class PostgresOutbox:
 
     def claim_delivery(self, sender_id: str, *, token: str | None = None) -> tuple[Delivery, DeliveryLease] | None:
         """As `Outbox.claim_delivery`; with `token`, a retry returns the delivery the first call leased."""
-        retried = token is not None
+        given = token is not None
         token = token or self.policy.new_token(sender_id)
-        with self.jobs._cursor(transaction=True) as cur:
-            row = None
-            if retried:
-                row = cur.execute(
-                    """SELECT * FROM deliveries
-                       WHERE lease_token = %s AND lease_expires_at IS NOT NULL AND state = 'pending'""",
-                    (token,),
-                ).fetchone()
-            if row is None:
-                row = cur.execute(_CLAIM_DELIVERY, {"token": token, "lease": self.policy.lease_seconds}).fetchone()
+
+        def run(retried: bool) -> DictRow | None:
+            with self.jobs._cursor(transaction=True) as cur:
+                if given or retried:  # an earlier try may have leased a delivery already, its reply lost
+                    row = cur.execute(
+                        """SELECT * FROM deliveries
+                           WHERE lease_token = %s AND lease_expires_at IS NOT NULL AND state = 'pending'""",
+                        (token,),
+                    ).fetchone()
+                    if row is not None:
+                        return row
+                return cur.execute(_CLAIM_DELIVERY, {"token": token, "lease": self.policy.lease_seconds}).fetchone()
+
+        row = self.jobs._call(run)
         if row is None:
             return None
         return _delivery_from_row(row), DeliveryLease(row["id"], token)
@@ -447,23 +539,26 @@ class PostgresOutbox:
     ) -> bool:
         # The caller's clock says when to retry; the database's clock keeps time, so it travels as a delay.
         delay = next_attempt_at - time.time() if next_attempt_at else None
-        with self.jobs._cursor() as cur:
-            cur.execute(_RECORD_ATTEMPT, {"id": lease.delivery_id, "token": lease.token, "attempt": Jsonb(attempt),
-                                          "state": state, "delay": delay})
-            if cur.rowcount == 1:
-                return True
-            # A retry of a call that already took effect: released under this token with this very attempt.
-            cur.execute(
-                """SELECT 1 FROM deliveries
-                   WHERE id = %s AND lease_token = %s AND lease_expires_at IS NULL AND state = %s
-                     AND attempts -> -1 = %s::jsonb""",
-                (lease.delivery_id, lease.token, state, Jsonb(attempt)),
-            )
-            return cur.fetchone() is not None
+
+        def run(_retried: bool) -> bool:
+            with self.jobs._cursor() as cur:
+                cur.execute(_RECORD_ATTEMPT, {"id": lease.delivery_id, "token": lease.token,
+                                              "attempt": Jsonb(attempt), "state": state, "delay": delay})
+                if cur.rowcount == 1:
+                    return True
+                # A retry of a call that already took effect: released under this token with this very attempt.
+                cur.execute(
+                    """SELECT 1 FROM deliveries
+                       WHERE id = %s AND lease_token = %s AND lease_expires_at IS NULL AND state = %s
+                         AND attempts -> -1 = %s::jsonb""",
+                    (lease.delivery_id, lease.token, state, Jsonb(attempt)),
+                )
+                return cur.fetchone() is not None
+
+        return self.jobs._call(run)
 
     def deliveries(self, job_id: str) -> list[Delivery]:
-        with self.jobs._cursor() as cur:
-            rows = cur.execute("SELECT * FROM deliveries WHERE job_id = %s ORDER BY seq", (job_id,)).fetchall()
+        rows = self.jobs._fetch_all("SELECT * FROM deliveries WHERE job_id = %s ORDER BY seq", (job_id,))
         return [_delivery_from_row(row) for row in rows]
 
 
@@ -563,8 +658,9 @@ class _Listener:
                                application_name="fluxserve-listener", keepalives=1, keepalives_idle=30,
                                keepalives_interval=10, keepalives_count=3)
         try:
-            for channel in self.channels:
-                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            with watchdog.guard(conn, CONNECT_TIMEOUT_S):  # a LISTEN whose reply never comes is cut
+                for channel in self.channels:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             self.pid = conn.info.backend_pid
             self._ready.set()
             self._wake_all()  # anything may have happened while we were not listening

@@ -7,6 +7,11 @@ value per dataclass field (`job_record`), so fields added to Job travel without 
 
 Waiting for a job to end does not poll: the script that ends a job publishes its id, and one pub/sub
 connection per store wakes the threads waiting on it.
+
+The client re-sends a command whose reply was lost (a reset connection, a read timeout), after Redis
+may already have run it; every script answers such a repeat as it answered the first run (see
+`redis_scripts`). `from_url` sizes the client's timeouts and retries from the lease
+(`ClientTimeouts`): one call, its re-sends included, fits in a third of the lease.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from fluxserve.contract import JobState
 from fluxserve.jobs import (
@@ -35,7 +43,6 @@ from fluxserve.jobs import (
 from fluxserve.jobs import redis_scripts as scripts
 from fluxserve.jobs.outbox import Delivery, DeliveryLease, DeliveryState
 from fluxserve.jobs.policy import LeasePolicy, idempotency_scope
-from fluxserve.redisconn import connect
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,57 @@ log = logging.getLogger(__name__)
 _RECHECK_SECONDS = 5.0
 _PURGE_BATCH = 500
 _ANY = "*"  # a waiter for any published key
+_HEALTH_CHECK_SECONDS = 15
+
+
+@dataclass(frozen=True)
+class ClientTimeouts:
+    """The client's socket timeouts and re-sends for one lease: a call that meets lost replies (each
+    costs at most `socket` seconds, then a pause of at most `backoff_cap`) is answered or fails within
+    `worst_case` seconds: a third of the lease, for a lease of 4 s or more (a try waits `MIN_SOCKET`
+    at least, so a shorter lease gets a little more; and `MAX_SOCKET` at most, whatever the lease)."""
+
+    socket: float
+    retries: int
+    backoff_cap: float
+
+    RETRIES = 3
+    MIN_SOCKET = 0.25
+    MAX_SOCKET = 5.0
+
+    @classmethod
+    def for_lease(cls, lease_seconds: float) -> ClientTimeouts:
+        budget = lease_seconds / 3
+        cap = min(0.5, budget / 20)
+        socket = min(cls.MAX_SOCKET, max(cls.MIN_SOCKET, (budget - cls.RETRIES * cap) / (cls.RETRIES + 1)))
+        return cls(socket=socket, retries=cls.RETRIES, backoff_cap=cap)
+
+    @property
+    def worst_case(self) -> float:
+        return (self.retries + 1) * self.socket + self.retries * self.backoff_cap
+
+
+def lease_bound_client(url: str, lease_seconds: float) -> redis.Redis:
+    """A client (`decode_responses`) whose calls, re-sends included, fit in a third of the lease: a
+    heartbeat that met a lost reply still renews the lease before it lapses."""
+    timeouts = ClientTimeouts.for_lease(lease_seconds)
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=timeouts.socket,
+        socket_timeout=timeouts.socket,
+        health_check_interval=_HEALTH_CHECK_SECONDS,
+        retry=Retry(ExponentialBackoff(cap=timeouts.backoff_cap, base=min(0.01, timeouts.backoff_cap)),
+                    retries=timeouts.retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+def active_key(prefix: str, slug: str) -> str:
+    """The sorted set of one model's QUEUED and PROCESSING jobs (see `redis_scripts`): its ZCARD is the
+    work waiting for or held by that model's workers, what an autoscaler sizes them on (deploy/helm's
+    KEDA `redis` triggers name these keys)."""
+    return f"{prefix}:active:{slug}"
 
 
 class RedisJobStore:
@@ -54,7 +112,7 @@ class RedisJobStore:
         self._scripts = {
             name: client.register_script(scripts.PRELUDE + getattr(scripts, name))
             for name in ("SUBMIT", "FIND_IDEMPOTENT", "GET", "POSITION", "CLAIM", "HEARTBEAT", "FINISH",
-                         "PURGE_EXPIRED", "COUNT_BY_STATE", "REPORT_PROGRESS", "CANCEL", "CLAIM_DELIVERY",
+                         "EXPIRED", "PURGE_EXPIRED", "COUNT_BY_STATE", "REPORT_PROGRESS", "CANCEL", "CLAIM_DELIVERY",
                          "RECORD_ATTEMPT", "DELIVERIES")
         }
         self._delays = json.dumps(_reclaim_delays(self.policy))
@@ -62,8 +120,9 @@ class RedisJobStore:
         self._queued = _Wakeups(client, f"{prefix}:queued")  # a job's slug when it is submitted
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> RedisJobStore:
-        return cls(connect(url, decode_responses=True), **options)
+    def from_url(cls, url: str, *, prefix: str = "fluxserve", policy: LeasePolicy | None = None) -> RedisJobStore:
+        policy = policy or LeasePolicy()
+        return cls(lease_bound_client(url, policy.lease_seconds), prefix=prefix, policy=policy)
 
     def _run(self, name: str, *args: Any) -> Any:
         return self._scripts[name](args=[self.prefix, *args])
@@ -155,7 +214,14 @@ class RedisJobStore:
         with self._queued.watch(*(slugs or [_ANY])) as queued:
             queued.wait(timeout)
 
-    def purge_expired(self) -> list[Job]:
+    def expired(self, limit: int = _PURGE_BATCH) -> list[Job]:
+        return [_decode_job(record) for record in self._run("EXPIRED", limit)]
+
+    def purge_expired(self, job_ids: Sequence[str] | None = None) -> list[Job]:
+        if job_ids is not None:
+            ids = list(job_ids)
+            return [_decode_job(record) for start in range(0, len(ids), _PURGE_BATCH)
+                    for record in self._run("PURGE_EXPIRED", _PURGE_BATCH, *ids[start:start + _PURGE_BATCH])]
         purged: list[Job] = []
         while True:
             batch = self._run("PURGE_EXPIRED", _PURGE_BATCH)

@@ -7,6 +7,10 @@ Key layout (P is the key prefix, `fluxserve` by default):
                                  request's fingerprint) when it was submitted with an Idempotency-Key
     P:seq                 string submission counter (FIFO order)
     P:queued:<slug>       zset   QUEUED jobs of one model: score = seq, member = id
+    P:active:<slug>       zset   QUEUED and PROCESSING jobs of one model: score = seq, member = id; added
+                                 by SUBMIT, removed when the job ends (FINISH, CANCEL, a claim's FAILED
+                                 for exhausted attempts; PURGE_EXPIRED too). What an autoscaler counts
+                                 (ZCARD) to size the model's workers: `redis.active_key`, deploy/helm
     P:slugs               set    every slug that has had a queue (a claim with no filter looks at all)
     P:leases              zset   PROCESSING jobs: score = when the job may be taken over (server clock):
                                  its lease's expiry plus the policy's reclaim delay; member = id
@@ -18,6 +22,7 @@ Key layout (P is the key prefix, `fluxserve` by default):
     P:idem:<scope>        string the id of the job holding an Idempotency-Key; scope = JSON [owner, key]
     P:deliveries:<id>     list   the job's webhook delivery ids, oldest first
     P:delivery:<id>       hash   one field per Delivery dataclass field (JSON), plus `_lease_token`
+                                 and `_released_by` (the token of the lease last released)
     P:outbox              zset   pending deliveries whose trigger has happened: score = when one may
                                  next be claimed (due, retry or lease-expiry time), member = delivery id
     P:delivery-claim:<token>  string the id of the delivery leased under a token, while its lease lasts
@@ -34,8 +39,9 @@ errors) or numbers, so Python decodes every field with json.loads; `_`-fields ar
 The client retries a command whose connection broke, and a retry re-sends a command that may already
 have taken effect. SUBMIT answers such a repeat as the first time, and so do CANCEL, CLAIM and
 CLAIM_DELIVERY (the token is made once per call by the caller: a repeat finds the lease it took) and
-FINISH (the ended job keeps its lease token: 1 again when it ended in that state under that token).
-A repeated RECORD_ATTEMPT answers 0, as for any released lease.
+FINISH (the ended job keeps its lease token: 1 again when it ended in that state under that token) and
+RECORD_ATTEMPT (the delivery keeps the token it was released under). A repeated PURGE_EXPIRED answers
+fewer records: the janitor deletes the media of the jobs EXPIRED lists before it purges them.
 Scripts name keys they compute from the prefix, so the store needs a single Redis (or a Sentinel
 primary), not Redis Cluster.
 """
@@ -121,6 +127,7 @@ local function end_job(id, state, result_json, error_json, retention, token_json
              'finished_at', num(t), 'expires_at', num(expires), 'lease_token', token_json,
              'lease_expires_at', 'null')
   redis.call('ZADD', P .. ':ended:' .. state, expires, id)
+  redis.call('ZREM', P .. ':active:' .. cjson.decode(field(id, 'slug')), id)
   release_deliveries(id, 'finished', t)
   expire_with_job(id, math.ceil(expires) + 86400)
   redis.call('PUBLISH', P .. ':ended', id)
@@ -158,6 +165,7 @@ for _, delivery in ipairs(cjson.decode(ARGV[7])) do
   redis.call('RPUSH', deliveries_key(id), delivery[1])
 end
 redis.call('ZADD', P .. ':queued:' .. slug, seq, id)
+redis.call('ZADD', P .. ':active:' .. slug, seq, id)
 redis.call('SADD', P .. ':slugs', slug)
 redis.call('PUBLISH', P .. ':queued', slug)  -- wakes idle workers of this model
 return {'created', created}
@@ -304,12 +312,17 @@ end
 
 # ARGV: P, delivery id, token (JSON), attempt (JSON), state (JSON), retry delay in seconds ('' = none).
 # Appends the attempt, sets the state and releases the lease: a pending delivery is due again after
-# the delay, an ended one leaves the outbox. 0 (and no change) when the lease is stale.
+# the delay, an ended one leaves the outbox. 0 (and no change) when the lease is stale; 1 (and no
+# change) for a repeat of a call that took effect (`_released_by` names the lease it released).
 RECORD_ATTEMPT = """
 local id, state = ARGV[2], ARGV[5]
 local key = delivery_key(id)
-local held = redis.call('HMGET', key, 'state', '_lease_token', 'attempts')
-if held[1] ~= '"pending"' or held[2] ~= ARGV[3] then return 0 end
+local held = redis.call('HMGET', key, 'state', '_lease_token', 'attempts', '_released_by')
+if held[1] ~= '"pending"' or held[2] ~= ARGV[3] then
+  local last = ARGV[4] .. ']'
+  if held[4] == ARGV[3] and held[1] == state and held[3] and string.sub(held[3], -#last) == last then return 1 end
+  return 0
+end
 -- Appended as text, so the caller's JSON is kept exactly as it was written.
 local attempts = '[' .. ARGV[4] .. ']'
 if not string.match(held[3], '^%[%s*%]$') then
@@ -319,7 +332,7 @@ local t = now()
 local next_at = 0
 if ARGV[6] ~= '' then next_at = t + tonumber(ARGV[6]) end
 redis.call('HSET', key, 'attempts', attempts, 'state', state, 'next_attempt_at', num(next_at),
-           '_lease_token', 'null')
+           '_lease_token', 'null', '_released_by', ARGV[3])
 redis.call('DEL', P .. ':delivery-claim:' .. cjson.decode(ARGV[3]))
 if state == '"pending"' then
   redis.call('ZADD', P .. ':outbox', math.max(t, next_at), id)
@@ -339,13 +352,31 @@ end
 return records
 """
 
-# ARGV: P, limit. Removes up to `limit` ended jobs past their retention, with their deliveries and
-# idempotency keys; returns their records.
+# ARGV: P, limit. The records of up to `limit` ended jobs past their retention (the janitor deletes
+# their media before it purges them, so a purge whose reply is lost loses no list of media to delete).
+EXPIRED = """
+local t, limit = now(), tonumber(ARGV[2])
+local records = {}
+for _, state in ipairs({'COMPLETED', 'FAILED'}) do
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':ended:' .. state, '-inf', t, 'LIMIT', 0, limit - #records)) do
+    local record = redis.call('HGETALL', job_key(id))
+    if #record > 0 then records[#records + 1] = record end
+  end
+  if #records >= limit then break end
+end
+return records
+"""
+
+# ARGV: P, limit, then job ids (none: any). Removes up to `limit` ended jobs past their retention (only
+# those named, when ids are given), with their deliveries and idempotency keys; returns their records.
+# A repeat finds them gone and answers fewer: the janitor does not depend on the answer.
 PURGE_EXPIRED = """
 local function forget(id)
   local key = job_key(id)
   local idem = redis.call('HGET', key, '_idem')
   if idem and redis.call('GET', idem) == id then redis.call('DEL', idem) end
+  local slug = redis.call('HGET', key, 'slug')
+  if slug then redis.call('ZREM', P .. ':active:' .. cjson.decode(slug), id) end
   for _, d in ipairs(redis.call('LRANGE', deliveries_key(id), 0, -1)) do
     redis.call('DEL', delivery_key(d))
     redis.call('ZREM', P .. ':outbox', d)
@@ -356,7 +387,15 @@ local t, limit = now(), tonumber(ARGV[2])
 local purged = {}
 for _, state in ipairs({'COMPLETED', 'FAILED'}) do
   local ended = P .. ':ended:' .. state
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', ended, '-inf', t, 'LIMIT', 0, limit)) do
+  local ids = redis.call('ZRANGEBYSCORE', ended, '-inf', t, 'LIMIT', 0, limit)
+  if #ARGV > 2 then
+    ids = {}
+    for i = 3, #ARGV do
+      local score = redis.call('ZSCORE', ended, ARGV[i])
+      if score and tonumber(score) <= t then ids[#ids + 1] = ARGV[i] end
+    end
+  end
+  for _, id in ipairs(ids) do
     local record = redis.call('HGETALL', job_key(id))
     if #record > 0 then purged[#purged + 1] = record end
     forget(id)

@@ -310,14 +310,26 @@ class SqliteJobStore:
         with self._changed:
             self._changed.wait(timeout)
 
-    def purge_expired(self) -> list[Job]:
+    def expired(self, limit: int = 500) -> list[Job]:
+        rows = self._db().execute(
+            "SELECT * FROM jobs WHERE expires_at <= ? ORDER BY expires_at LIMIT ?", (time.time(), limit)
+        ).fetchall()
+        return [_job_from_row(row) for row in rows]
+
+    def purge_expired(self, job_ids: Sequence[str] | None = None) -> list[Job]:
         now = time.time()
+        ids = None if job_ids is None else list(job_ids)
+        # The ids asked for go in chunks (SQLite limits a statement's parameters); None: every expired job.
+        chunks: list[list[str] | None] = [None] if ids is None else [ids[i:i + 500] for i in range(0, len(ids), 500)]
+        rows: list[sqlite3.Row] = []
         with self._transaction() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE expires_at <= ?", (now,)).fetchall()
-            db.execute(
-                "DELETE FROM deliveries WHERE job_id IN (SELECT id FROM jobs WHERE expires_at <= ?)", (now,)
-            )
-            db.execute("DELETE FROM jobs WHERE expires_at <= ?", (now,))
+            for chunk in chunks:
+                only = "" if chunk is None else f"AND id IN ({', '.join('?' for _ in chunk)})"
+                args = (now, *(chunk or ()))
+                rows += db.execute(f"SELECT * FROM jobs WHERE expires_at <= ? {only}", args).fetchall()
+                db.execute(f"DELETE FROM deliveries WHERE job_id IN (SELECT id FROM jobs WHERE expires_at <= ? {only})",
+                           args)
+                db.execute(f"DELETE FROM jobs WHERE expires_at <= ? {only}", args)
         return [_job_from_row(row) for row in rows]
 
     def count_by_state(self) -> dict[str, int]:
