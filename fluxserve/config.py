@@ -43,6 +43,9 @@ class ModelSettings(Group):
     # Where the other components come from when `model` is a single-file transformer checkpoint.
     base_model: str = DEFAULT_BASE_MODEL
     slug: str = "juggernaut-pro-flux"
+    # Its workers are started on demand (an autoscaler such as KEDA scales them from zero on the queue):
+    # a submit queues even while no worker serves the model, instead of answering 503.
+    on_demand: bool = False
     device: str | None = None  # cuda if available, else cpu
     dtype: str | None = None  # bfloat16 on GPU, float32 on CPU
     max_sequence_length: int = Field(512, ge=1, le=512)

@@ -337,3 +337,21 @@ def test_who_serves_a_model_decides_the_submit():
     assert down.unavailable("a") is None and down.unavailable("b") is None  # the submit meets the store next
     assert presence.reads == 1  # a failed read is not retried on every submit
     assert [model["state"] for model in down.listing()] == ["unknown", "unknown"]
+
+
+def test_an_on_demand_model_queues_while_its_workers_are_scaled_to_zero(tmp_path):
+    """A model whose workers an autoscaler starts on its queue (`on_demand`): its submit queues while
+    another model's worker is up and none serves it, where an ordinary model is a 503."""
+    from fluxserve.app.errors import Unavailable
+    from fluxserve.app.models import ModelDirectory
+    from fluxserve.presence import Advert, PresenceView
+
+    models_file = tmp_path / "models.toml"
+    models_file.write_text('[models.a]\nmodel = "/m/a"\n\n[models.b]\nmodel = "/m/b"\non_demand = true\n\n'
+                           '[models.c]\nmodel = "/m/c"\n')
+    table = model_table(Settings(models_file=models_file))
+    assert table["b"].model.on_demand and not table["c"].model.on_demand
+    only_a = ModelDirectory(table, {}, PresenceView(FakePresence([Advert("w1", "a", "ready")])), default="a",
+                            created=0)
+    assert only_a.unavailable("b") is None  # queued: the autoscaler wakes b's workers on it
+    assert isinstance(only_a.unavailable("c"), Unavailable)

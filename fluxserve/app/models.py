@@ -5,7 +5,8 @@ A submit for a model is refused at once, instead of queueing a job that would wa
   serves it (the load error says why);
 - 503 (`Unavailable`) when workers are running but none of them serves the model.
 A model still loading counts as served (its jobs queue meanwhile). While no worker at all is up (a
-fleet starting, or every worker restarting) jobs queue as before and run once one comes back. What the
+fleet starting, or every worker restarting) jobs queue as before and run once one comes back, and so
+do the jobs of an `on_demand` model (its workers are scaled from zero on its queue, e.g. by KEDA). What the
 fleet serves comes from the workers' adverts in the shared store (`fluxserve.presence`); this process's
 own embedded worker is asked directly.
 """
@@ -65,6 +66,8 @@ class ModelDirectory:
             return failed
         if not view.workers and not self.local:
             return None  # no worker at all is up: the job waits for one, as any job does then
+        if self.table[slug].model.on_demand:
+            return None  # an autoscaler starts its workers on the queue: the job is what wakes them
         return Unavailable(
             f"No running worker serves the model {slug}: start one that does "
             f"(`fluxserve worker --models {slug}`, or FLUXSERVE_WORKER_MODELS)"

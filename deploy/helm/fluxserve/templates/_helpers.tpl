@@ -166,6 +166,10 @@ Whole numbers are written as integers (values arrive as floats). Checks every sl
 {{- if not $options.model }}
 {{- fail (printf "models.%s: no `model` (its location)" $slug) }}
 {{- end }}
+{{- if $.Values.keda.enabled }}
+{{- /* KEDA starts the workers on the queue: a submit must queue while a group is at zero. */}}
+{{- $_ := set $options "on_demand" true }}
+{{- end }}
 {{- $_ := set $tables $slug $options }}
 {{- end }}
 {{- dict "models" $tables | toToml }}
