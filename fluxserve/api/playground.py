@@ -39,7 +39,7 @@ async def playground_config(services: ServicesDep) -> dict[str, Any]:
     parameters["seed"]["minimum"] = 0  # -1 (a random seed) is offered as its own button
     parameters["seed"]["maximum_text"] = str(parameters["seed"]["maximum"])  # beyond a JS number's precision
     return {
-        "slug": services.settings.model.slug,
+        "slug": services.directory.default,
         "required": schema.get("required", []),
         "parameters": parameters,
         "schedulers": [
