@@ -73,8 +73,9 @@ def postgres_server_url():
     import psycopg
 
     server = None
+    # FLUXSERVE_TEST_POSTGRES=private always starts one here (as on a machine without PostgreSQL running).
     admin_url = "postgresql://postgres@127.0.0.1:5432/postgres"
-    if not postgres_answers(admin_url):
+    if os.environ.get("FLUXSERVE_TEST_POSTGRES") == "private" or not postgres_answers(admin_url):
         try:
             server = PostgresServer().start()
         except FileNotFoundError:
@@ -107,8 +108,10 @@ def make_store(request, tmp_path):
 
 # The longest files first: `make test` hands whole files to two processes in collection order, and a
 # long file started last would run alone at the end.
-_LONG_FILES = ("test_fleet.py", "test_speed.py", "test_durability.py", "test_bench.py",
-               "test_jobstore_conformance.py", "test_cli.py", "test_webhooks.py", "test_model_options.py")
+_LONG_FILES = ("test_multihost.py", "test_fleet.py", "test_lost_replies.py", "test_crash_loop.py", "test_speed.py",
+               "test_store_faults.py", "test_durability.py", "test_bench.py", "test_jobstore_conformance.py",
+               "test_k8s_drain.py", "test_cli.py", "test_webhooks.py", "test_model_options.py", "test_lora.py",
+               "test_multi_model.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
