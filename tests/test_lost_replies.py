@@ -46,7 +46,7 @@ from fluxserve.worker import Worker
 from support.accounts import open_account_store
 from support.app import SLUG, InProcessServer, running_app, wait_for
 from support.postgres import postgres_schema_url
-from support.proxy import Request, StoreProxy, commit_of
+from support.proxy import Request, StoreProxy, commit_of, nth
 
 LEASE = 6.0  # a heartbeat every 2 s; one store call, retries included, gets 2 s
 RETENTION = 1.5
@@ -355,6 +355,42 @@ def metrics_now(fleet: Fleet) -> dict[str, float]:
     return {state: fleet.finished_count(state) for state in ("COMPLETED", "FAILED", "abandoned")}
 
 
+# -- the proxy itself ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+def test_the_proxy_lets_the_command_run_then_loses_its_reply(backend: str, request) -> None:
+    """Raw clients, no store code: the n-th request runs on the server, and its client sees a reset."""
+    if backend == "redis":
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        url = request.getfixturevalue("redis_url")
+        key = f"proxy-{uuid.uuid4().hex[:10]}"
+        with StoreProxy.for_url(url) as proxy:
+            client = redis.Redis.from_url(proxy.url, retry=Retry(NoBackoff(), 0), socket_timeout=2)
+            rule = proxy.lose_next(nth(2, lambda r: r.name == "INCRBY"))
+            assert client.incr(key) == 1
+            with pytest.raises(redis.ConnectionError):
+                client.incr(key)  # ran, and its answer (2) was lost
+            assert client.incr(key) == 3 and len(rule.hits) == 1
+            client.delete(key)
+            client.close()
+        return
+    import psycopg
+
+    url = postgres_schema_url(request.getfixturevalue("postgres_server_url"))
+    with StoreProxy.for_url(url) as proxy, psycopg.connect(url, autocommit=True) as direct:
+        direct.execute("CREATE TABLE marks (n int)")
+        rule = proxy.lose_next(commit_of("INSERT INTO marks"))
+        with psycopg.connect(proxy.url, autocommit=True) as conn, pytest.raises(psycopg.OperationalError), \
+                conn.transaction():
+            conn.execute("INSERT INTO marks VALUES (1)")
+        assert direct.execute("SELECT count(*) FROM marks").fetchone() == (1,)  # it was committed
+        assert [hit.name for hit in rule.hits] == ["COMMIT"]
+
+
 # -- one lost (or held) reply per transition ------------------------------------------------------
 
 
@@ -556,6 +592,9 @@ def test_a_webhook_ack_whose_reply_was_lost_answers_true(fleet: Fleet, postgres_
         (recorded,) = store.outbox().deliveries(job.id)
         assert recorded.state == "delivered" and recorded.attempts == [{"at": 1.0, "status_code": 200}]
     finally:
+        if fleet.backend == "redis":
+            for key in fleet.direct.client.scan_iter(f"{store.prefix}:*", count=1000):
+                fleet.direct.client.delete(key)
         store.close()
 
 
@@ -568,7 +607,7 @@ def test_a_store_call_and_its_resends_fit_in_a_third_of_the_lease(lease: float) 
 
     redis_timeouts = ClientTimeouts.for_lease(lease)
     assert redis_timeouts.worst_case <= lease / 3 + 1e-9
-    assert redis_timeouts.retries >= 3  # a lost reply or three are ridden out within the call
+    assert redis_timeouts.retries >= 3  # a burst of lost replies is ridden out within the call
     pg = CallTimeouts.for_lease(lease)
     assert pg.budget <= lease / 3 + 1e-9 and pg.per_try <= pg.budget and pg.statement_ms / 1000 < pg.per_try
     assert pg.pool < pg.per_try

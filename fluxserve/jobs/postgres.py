@@ -192,10 +192,11 @@ def active_jobs_query(slugs: Sequence[str]) -> str:
 _RECHECK_SECONDS = 1.0
 _SUBMIT_TRIES = 3  # a submit that lost an idempotency race finds the winner on its next try
 # A call re-run after a transient fault: first pause, doubling up to the cap; at most _RUNS runs in
-# all (as the Redis client's 3 re-sends), and none in a remainder of the budget shorter than the last figure.
+# all (a run may be a transaction of several statements, each of which may lose its reply), and none
+# in a remainder of the budget shorter than the last figure.
 _RETRY_FIRST_S = 0.02
 _RETRY_CAP_S = 0.5
-_RUNS = 4
+_RUNS = 10
 _RETRY_MIN_WINDOW_S = 0.25
 _ANY = "*"  # a waiter for any payload of its channel
 _MAX_PAYLOAD_BYTES = 7999  # NOTIFY refuses 8000 bytes and more

@@ -58,21 +58,21 @@ _HEALTH_CHECK_SECONDS = 15
 class ClientTimeouts:
     """The client's socket timeouts and re-sends for one lease: a call that meets lost replies (each
     costs at most `socket` seconds, then a pause of at most `backoff_cap`) is answered or fails within
-    `worst_case` seconds: a third of the lease, for a lease of 4 s or more (a try waits `MIN_SOCKET`
+    `worst_case` seconds: a third of the lease, for a lease of 6 s or more (a try waits `MIN_SOCKET`
     at least, so a shorter lease gets a little more; and `MAX_SOCKET` at most, whatever the lease)."""
 
     socket: float
     retries: int
     backoff_cap: float
 
-    RETRIES = 3
+    RETRIES = 5  # a lost reply costs little (a reset is seen at once): six tries ride out a burst of them
     MIN_SOCKET = 0.25
     MAX_SOCKET = 5.0
 
     @classmethod
     def for_lease(cls, lease_seconds: float) -> ClientTimeouts:
         budget = lease_seconds / 3
-        cap = min(0.5, budget / 20)
+        cap = min(0.25, budget / 40)
         socket = min(cls.MAX_SOCKET, max(cls.MIN_SOCKET, (budget - cls.RETRIES * cap) / (cls.RETRIES + 1)))
         return cls(socket=socket, retries=cls.RETRIES, backoff_cap=cap)
 

@@ -13,8 +13,9 @@ Every request goes through to the server and runs there; a rule decides what bec
 Rules match requests: a callable `Request -> bool`, or a string. For Redis a string names a command
 (`GET`) or one of the project's Lua scripts (`CLAIM`, `FINISH`, `RESERVE`, ...: an EVALSHA is known
 by its SHA, see `project_scripts`); for PostgreSQL a string is a part of the query text, and a COMMIT
-carries the texts of its transaction (`Request.transaction`, see `commit_of`). A PostgreSQL request is
-everything the client sent up to a Sync (or one simple Query): its reply ends with ReadyForQuery.
+carries the texts of its transaction (`Request.transaction`, see `commit_of`); `nth(n, match)` picks
+the n-th one. A PostgreSQL request is everything the client sent up to a Sync (or one simple Query):
+its reply ends with ReadyForQuery.
 
     proxy = StoreProxy.for_url(redis_url).start()
     rule = proxy.lose_next("CLAIM")           # the next claim runs, its reply is lost
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import random
 import socket
 import struct
@@ -86,6 +88,12 @@ class Request:
     def __str__(self) -> str:
         what = self.script or self.text
         return f"#{self.connection} {what[:120]!r}"
+
+
+def nth(n: int, match: Callable[[Request], bool] = lambda r: True) -> Callable[[Request], bool]:
+    """The `n`-th request (from 1) that `match` accepts, and no other."""
+    seen = itertools.count(1)
+    return lambda r: match(r) and next(seen) == n
 
 
 def commit_of(part: str) -> Callable[[Request], bool]:
