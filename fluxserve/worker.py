@@ -123,6 +123,11 @@ class LeaseKeeper:
         self._stop.set()
         self._thread.join()
 
+    def expired(self) -> bool:
+        """The lease is lost, or may have lapsed (no renewal went through in time): stop the work now,
+        even while a heartbeat is still being retried, so two workers never compute the job."""
+        return self.lost.is_set() or time.monotonic() >= self.valid_until
+
     def deadline(self) -> float:
         """Until when a store call for the job is worth retrying: never once the lease is lost."""
         return float("-inf") if self.lost.is_set() else self.valid_until
@@ -354,7 +359,7 @@ class Worker:
 
         def on_step(step: int, total: int) -> None:
             # Each report also asks "go on?"; one the store cannot take while the lease lasts stops the job.
-            if keeper.lost.is_set() or not self._for_job(lambda: progress.report(step, total), keeper,
+            if keeper.expired() or not self._for_job(lambda: progress.report(step, total), keeper,
                                                          f"progress report of job {job.id}"):
                 log.info("job %s stopped at step %d of %d (cancelled, or lease lost)", job.id, step, total)
                 raise GenerationCancelled()

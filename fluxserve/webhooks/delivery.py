@@ -26,6 +26,7 @@ from fluxserve.config import WebhookSettings
 from fluxserve.contract import JobState
 from fluxserve.jobs import Job, JobStore
 from fluxserve.jobs.outbox import Delivery, DeliveryLease, Outbox
+from fluxserve.jobs.policy import LeasePolicy
 from fluxserve.store_faults import is_transient
 from fluxserve.views import job_body, result_body_at
 from fluxserve.webhooks.signing import signed_headers
@@ -94,10 +95,12 @@ class WebhookSender:
 
     def _run(self) -> None:
         outage = False  # a store outage is logged once, when it starts, not once a second
+        token: str | None = None  # kept across a claim that failed: if it took effect, the retry finds it
         while not self._stopping.is_set():
             try:
-                claimed = self.outbox.claim_delivery(self.sender_id)
-                outage = False
+                token = token or LeasePolicy.new_token(self.sender_id)
+                claimed = self.outbox.claim_delivery(self.sender_id, token=token)
+                token, outage = None, False
                 if claimed is None:
                     self._stopping.wait(self.poll_seconds)
                     continue
