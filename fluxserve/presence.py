@@ -193,7 +193,7 @@ class RedisPresence:
     def from_url(cls, url: str, *, prefix: str = "fluxserve") -> RedisPresence:
         from fluxserve.redisconn import connect
 
-        return cls(connect(url), prefix=prefix)
+        return cls(connect(url, socket_timeout=5), prefix=prefix)
 
     def _key(self, worker_id: str) -> str:
         return f"{self.prefix}:presence:{worker_id}"

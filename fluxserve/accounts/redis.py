@@ -30,6 +30,8 @@ from fluxserve.accounts import redis_scripts as scripts
 from fluxserve.redisconn import connect
 from fluxserve.webhooks.signing import new_secret
 
+# How long one call may wait for its reply (then the client re-sends it, which each script answers as once).
+ACCOUNT_CALL_TIMEOUT_S = 5.0
 _SCRIPTS = ("CREATE", "TOP_UP", "ADD_KEY", "REVOKE_KEY", "SET_ACCOUNT_FIELD", "RESERVE", "SETTLE", "TAKE_TOKEN")
 
 
@@ -44,7 +46,8 @@ class RedisAccountStore:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "fluxserve") -> RedisAccountStore:
-        return cls(connect(url, decode_responses=True), prefix=prefix)
+        # Every call is a short script: a reply held longer than this is a sick store (a 503), not a wait.
+        return cls(connect(url, decode_responses=True, socket_timeout=ACCOUNT_CALL_TIMEOUT_S), prefix=prefix)
 
     def _run(self, name: str, *args: Any) -> Any:
         return self._scripts[name](args=[self.prefix, *args])
