@@ -9,7 +9,10 @@ its own when it opens). Connections are autocommit: a store opens a transaction 
 A reply can be lost after the server ran the statement (a reset connection, a proxy that stalls), and
 libpq would wait for it forever: `CallTimeouts` bounds each try of a store call on the client side too
 (`ReplyWatchdog` cuts a connection whose try outlived its time), and the job store's budget for one
-call, its retries included, is a third of the lease (`CallTimeouts.for_lease`).
+call, its retries included, is a third of the lease (`CallTimeouts.for_lease`); the accounts and media
+stores, which hold no lease, get `CallTimeouts.for_requests`. Every store makes its calls through
+`StoreCalls`, which runs a call again after a transient fault: each store's calls answer a re-run with
+the same arguments as they answered the first run.
 """
 
 from __future__ import annotations
@@ -23,15 +26,20 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from psycopg import Connection
-from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg import Connection, Cursor
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from fluxserve.store_faults import is_transient
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # One constant for every migrator: `pg_advisory_xact_lock` serialises them across processes.
@@ -48,6 +56,18 @@ IDLE_IN_TRANSACTION_TIMEOUT_MS = 30000
 MIN_TRY_SECONDS = 1.0
 MAX_TRY_SECONDS = 10.0  # a long lease gets more tries, not longer ones
 MAX_TRIES = 3
+# A call of the accounts or media store (no lease to fit in): each try at most REQUEST_TRY_SECONDS
+# (as a Redis account call waits at most 5 s for a reply), the call and its re-runs at most
+# REQUEST_BUDGET_SECONDS.
+REQUEST_TRY_SECONDS = 5.0
+REQUEST_BUDGET_SECONDS = 12.0
+# Re-runs after a transient fault: a pause doubling from the first figure up to the second, at most
+# _RUNS runs in all (a run may be a transaction of several statements, each of which may lose its
+# reply), and none in a remainder of the budget shorter than the last figure.
+_RETRY_FIRST_S = 0.02
+_RETRY_CAP_S = 0.5
+_RUNS = 10
+_RETRY_MIN_WINDOW_S = 0.25
 # The versions this process applied, per component (what `fluxserve migrate` reports).
 applied_here: dict[str, list[int]] = {}
 
@@ -75,6 +95,14 @@ class CallTimeouts:
         per_try = min(MAX_TRY_SECONDS, max(MIN_TRY_SECONDS, budget / tries))
         return cls(budget=max(budget, per_try), per_try=per_try, statement_ms=int(per_try * 800),
                    pool=per_try / 2, connect=max(2, math.ceil(per_try)))
+
+    @classmethod
+    def for_requests(cls) -> CallTimeouts:
+        """The accounts and media stores' calls: tries cut after REQUEST_TRY_SECONDS, re-runs while
+        REQUEST_BUDGET_SECONDS last."""
+        per_try = REQUEST_TRY_SECONDS
+        return cls(budget=REQUEST_BUDGET_SECONDS, per_try=per_try, statement_ms=int(per_try * 800),
+                   pool=min(POOL_TIMEOUT_S, per_try / 2), connect=CONNECT_TIMEOUT_S)
 
     @classmethod
     def without_lease(cls) -> CallTimeouts:
@@ -151,12 +179,14 @@ watchdog = ReplyWatchdog()
 
 
 def open_pool(url: str, *, max_size: int = 8, name: str = "fluxserve",
-              lease_seconds: float | None = None) -> ConnectionPool:
+              lease_seconds: float | None = None, timeouts: CallTimeouts | None = None) -> ConnectionPool:
     """A pool of autocommit connections returning rows as dicts; each borrow is checked first (one
     round trip), so connections a restarted server dropped are replaced instead of failing a call.
-    With `lease_seconds`, the timeouts are `CallTimeouts.for_lease(lease_seconds)`: the borrow check and
-    the session set-up are cut like a try, and the store arms `watchdog` around each of its tries."""
-    timeouts = CallTimeouts.for_lease(lease_seconds) if lease_seconds is not None else CallTimeouts.without_lease()
+    With `lease_seconds`, the timeouts are `CallTimeouts.for_lease(lease_seconds)` (or `timeouts`, given):
+    the borrow check and the session set-up are cut like a try, and the store arms `watchdog` around
+    each of its tries (`StoreCalls`)."""
+    if timeouts is None:
+        timeouts = CallTimeouts.for_lease(lease_seconds) if lease_seconds is not None else CallTimeouts.without_lease()
 
     def configure(conn: Connection) -> None:
         with _guarded(conn, timeouts):
@@ -178,6 +208,82 @@ def open_pool(url: str, *, max_size: int = 8, name: str = "fluxserve",
         configure=configure,
         kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": timeouts.connect},
     )
+
+
+class StoreCalls:
+    """How a store talks to PostgreSQL: each try on a pooled connection, cut once its time is up, and
+    a call run again after a transient fault while its budget lasts."""
+
+    def __init__(self, pool: ConnectionPool, timeouts: CallTimeouts) -> None:
+        self.pool = pool
+        self.timeouts = timeouts
+        self._local = threading.local()  # the deadline of the call this thread is making
+
+    @contextmanager
+    def cursor(self, *, transaction: bool = False) -> Iterator[Cursor[DictRow]]:
+        """A cursor on a pooled autocommit connection (one statement, one transaction), or inside an
+        explicit transaction; the try (the borrow included) is cut once its time is up."""
+        started = time.monotonic()
+        deadline = getattr(self._local, "deadline", None)
+        seconds = self.timeouts.per_try if deadline is None else min(self.timeouts.per_try, deadline - started)
+        seconds = max(seconds, _RETRY_MIN_WINDOW_S)
+        with self.pool.connection(timeout=min(self.timeouts.pool, seconds)) as conn, \
+                watchdog.guard(conn, seconds - (time.monotonic() - started)):
+            if transaction:
+                with conn.transaction():
+                    yield conn.cursor(row_factory=dict_row)
+            else:
+                yield conn.cursor(row_factory=dict_row)
+
+    def call(self, run: Callable[[bool], T]) -> T:
+        """`run(retried)`, run again (`retried` True) after a transient fault met once a request may have
+        gone out, while the call's budget lasts. The first try may have taken effect before its reply was
+        lost: every transition answers a re-run with the same arguments as it answered the first. A call
+        that got no connection (PoolTimeout: nothing was sent) is not re-run: the store is down, the
+        caller's own policy applies (the worker retries, the API answers 503). A call made inside
+        another (a `run` that calls again) shares the outer call's deadline."""
+        outer = getattr(self._local, "deadline", None)
+        deadline = time.monotonic() + self.timeouts.budget if outer is None else outer
+        self._local.deadline = deadline
+        delay, retried, runs = _RETRY_FIRST_S, False, 0
+        try:
+            while True:
+                runs += 1
+                try:
+                    return run(retried)
+                except Exception as exc:
+                    if (not is_transient(exc) or isinstance(exc, PoolTimeout) or runs >= _RUNS
+                            or deadline - time.monotonic() - delay < _RETRY_MIN_WINDOW_S):
+                        raise
+                    log.info("PostgreSQL call failed (%s: %s); running it again", type(exc).__name__,
+                             str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                time.sleep(delay)
+                delay, retried = min(delay * 2, _RETRY_CAP_S), True
+        finally:
+            self._local.deadline = outer
+
+    def fetch_one(self, query: str, params: Any = None, *, binary: bool = False) -> DictRow | None:
+        """One statement whose re-run answers as the first run did (a read, an idempotent write)."""
+        def run(_retried: bool) -> DictRow | None:
+            with self.cursor() as cur:
+                return cur.execute(query, params, binary=binary).fetchone()
+
+        return self.call(run)
+
+    def fetch_all(self, query: str, params: Any = None) -> list[DictRow]:
+        def run(_retried: bool) -> list[DictRow]:
+            with self.cursor() as cur:
+                return cur.execute(query, params).fetchall()
+
+        return self.call(run)
+
+    def rowcount(self, query: str, params: Any = None) -> int:
+        """Run one statement whose re-run changes nothing more (and matches as many rows); its row count."""
+        def run(_retried: bool) -> int:
+            with self.cursor() as cur:
+                return cur.execute(query, params).rowcount
+
+        return self.call(run)
 
 
 def _guarded(conn: Connection, timeouts: CallTimeouts) -> contextlib.AbstractContextManager[None]:

@@ -2,18 +2,22 @@
 
 A reply-dropping proxy (`support.proxy`) sits between the app and a real Redis or PostgreSQL on
 loopback: the request reaches the server and runs, then its reply is lost (the connection is reset)
-or held past the client's timeout. The Redis client re-sends the command; the PostgreSQL job store
+or held past the client's timeout. The Redis client re-sends the command; the PostgreSQL stores
 runs the call again itself. The app runs in this process with the real API, janitor, webhook sender
 and real `Worker`s on a paced fake engine; keys, credits and webhooks are on.
 
-- one lost reply per transition (submit, claim, heartbeat, progress, finish, fail, cancel, outbox
-  claim, outbox ack, purge), and held ones (claim, heartbeat, finish): the job ends as it would have,
+- one lost reply per transition (submit, reserve, claim, heartbeat, progress, finish, settle, fail,
+  cancel, outbox claim, outbox ack, purge), and held ones (claim, heartbeat, finish): the job ends as it would have,
   attempts = 1, within the lease (no phantom lease), one webhook per event in order, credits
   settled once, no log or metric says otherwise, and nothing is left once it expired;
 - a submit whose every re-send lost its reply is answered 200 with the stored job's id;
 - the client's timeouts and re-sends fit in a third of the lease, and a heartbeat that cannot get
   through stops the work before another worker may take the job;
-- a soak: 50 jobs (keys, webhooks) while 10 % of store replies are lost at random.
+- on PostgreSQL, one lost reply per account call (create, top-up, add key, revoke, reserve, settle,
+  release, rotate the webhook secret) and per media call (put, get, delete, chunks), at store level:
+  the state moved once and the call answers as the first run would have;
+- a soak: 50 jobs (keys, webhooks) while 10 % of store replies are lost at random (every store's:
+  jobs and outbox, accounts and credits, media).
 """
 
 from __future__ import annotations
@@ -295,6 +299,8 @@ def transition(fleet: Fleet, name: str, job_id: str = "") -> Callable[[Request],
     if fleet.backend == "redis":
         return {
             "submit": _script("SUBMIT"),
+            "reserve": _script("RESERVE"),
+            "settle": _script("SETTLE"),
             "claim": _script("CLAIM"),
             "heartbeat": _script("HEARTBEAT"),
             "progress": _script("REPORT_PROGRESS"),
@@ -307,6 +313,8 @@ def transition(fleet: Fleet, name: str, job_id: str = "") -> Callable[[Request],
         }[name]
     return {
         "submit": commit_of("INSERT INTO jobs"),
+        "reserve": commit_of("INSERT INTO reservations"),
+        "settle": commit_of("UPDATE reservations SET state"),
         "claim": commit_of("attempts = attempts + 1"),
         "heartbeat": _statement("SET lease_expires_at = t.now +"),
         "progress": _statement("UPDATE jobs SET progress ="),
@@ -394,7 +402,8 @@ def test_the_proxy_lets_the_command_run_then_loses_its_reply(backend: str, reque
 # -- one lost (or held) reply per transition ------------------------------------------------------
 
 
-CASES = ["submit", "claim", "heartbeat", "progress", "finish", "fail", "outbox claim", "outbox ack",
+CASES = ["submit", "reserve", "settle", "claim", "heartbeat", "progress", "finish", "fail", "outbox claim",
+         "outbox ack",
          "claim held", "heartbeat held", "finish held", "cancel", "purge"]
 
 
@@ -598,6 +607,147 @@ def test_a_webhook_ack_whose_reply_was_lost_answers_true(fleet: Fleet, postgres_
         store.close()
 
 
+# -- accounts and media on PostgreSQL, at store level ----------------------------------------------
+
+
+@contextmanager
+def _behind_proxy(url: str, store_class: Any) -> Iterator[tuple[StoreProxy, Any, Any]]:
+    """(proxy, the store through it, the same store without it) on a fresh schema."""
+    with StoreProxy.for_url(url) as proxy:
+        direct = store_class.from_url(url)
+        store = store_class.from_url(proxy.url)
+        try:
+            yield proxy, store, direct
+        finally:
+            store.close()
+            direct.close()
+
+
+ACCOUNT_CALLS: dict[str, Callable[[Request], bool]] = {
+    "create": commit_of("INSERT INTO accounts"),
+    "top_up": commit_of("FROM ledger WHERE op"),
+    "add_key": _statement("INSERT INTO api_keys"),
+    "revoke": _statement("UPDATE api_keys SET revoked_at"),
+    "reserve": commit_of("INSERT INTO reservations"),
+    "settle": commit_of("UPDATE reservations SET state"),
+    "release": commit_of("UPDATE reservations SET state"),
+    "rotate": _statement("UPDATE accounts SET webhook_secret"),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCOUNT_CALLS))
+def test_an_account_call_whose_reply_was_lost_moves_once_and_answers_as_the_first_run(
+        case: str, postgres_url: str) -> None:
+    """PostgreSQL: the call ran on the server, its reply was lost (the connection reset), the store ran
+    it again: the state moved once, and the answer is what the first run would have said."""
+    from fluxserve.accounts.postgres import PostgresAccountStore
+
+    with _behind_proxy(postgres_url, PostgresAccountStore) as (proxy, store, direct):
+        account = direct.create_account(f"lost-{uuid.uuid4().hex[:6]}", credits=100, rate_per_minute=0,
+                                        max_in_flight=0, models=None)
+        direct.add_key("k1", account.id, "digest-1")
+        if case in ("settle", "release"):
+            direct.reserve("job-1", account.id, "k1", 30)
+        seen = len(direct.ledger())
+        rule = proxy.lose_next(ACCOUNT_CALLS[case])
+        try:
+            answer: Any
+            if case == "create":
+                answer = store.create_account("new", credits=50, rate_per_minute=0, max_in_flight=0, models=None)
+            elif case == "top_up":
+                answer = store.top_up(account.id, 25, "more")
+            elif case == "add_key":
+                answer = store.add_key("k2", account.id, "digest-2")
+            elif case == "revoke":
+                answer = store.revoke_key("k1")
+            elif case == "reserve":
+                answer = store.reserve("job-1", account.id, "k1", 30)
+            elif case in ("settle", "release"):
+                answer = store.settle("job-1", charge=case == "settle")
+            else:
+                answer = store.rotate_webhook_secret(account.id)
+        finally:
+            proxy.remove(rule)
+        assert rule.fired.is_set() and len(rule.hits) == 1, f"no {case} reply was lost"
+        moved = [(entry.kind, entry.amount, entry.reserved_change) for entry in direct.ledger()[seen:]]
+        now = direct.get_account(account.id)
+
+        if case == "create":
+            assert answer.name == "new" and answer.balance == 50 and answer.reserved == 0
+            assert direct.find_account("new") == answer and len(direct.list_accounts()) == 2
+            assert moved == [("credit", 50, 0)]
+            with pytest.raises(ValueError):  # a name really taken is still refused
+                store.create_account("new", credits=1, rate_per_minute=0, max_in_flight=0, models=None)
+        elif case == "top_up":
+            assert answer.balance == now.balance == 125
+            assert moved == [("credit", 25, 0)]
+        elif case == "add_key":
+            assert answer.id == "k2" and answer.account_id == account.id and answer.digest == "digest-2"
+            assert direct.get_key("k2") == answer and len(direct.list_keys()) == 2
+            with pytest.raises(ValueError):  # the same id with another digest is not this call's key
+                store.add_key("k2", account.id, "digest-3")
+        elif case == "revoke":
+            assert answer is True and direct.get_key("k1").revoked_at is not None
+            assert store.revoke_key("k1") is False  # another call: it did not revoke it
+        elif case == "reserve":
+            assert answer.job_id == "job-1" and answer.amount == 30 and answer.state == "open"
+            assert (now.balance, now.reserved) == (100, 30) and moved == [("reserve", 0, 30)]
+            assert [r.job_id for r in direct.open_reservations()] == ["job-1"]
+        elif case in ("settle", "release"):
+            assert answer is True
+            charged = case == "settle"
+            assert (now.balance, now.reserved) == ((70 if charged else 100), 0)
+            assert moved == ([("charge", -30, -30)] if charged else [("release", 0, -30)])
+            assert direct.get_reservation("job-1").state == ("charged" if charged else "released")
+            assert store.settle("job-1", charge=charged) is False  # another call: it settled nothing
+        else:
+            assert answer.webhook_secret != account.webhook_secret
+            assert now.webhook_secret == answer.webhook_secret
+        if case not in ("create", "top_up", "reserve", "settle", "release"):
+            assert moved == []
+
+
+MEDIA_CALLS: dict[str, Callable[[Request], bool]] = {
+    "put": _statement("INSERT INTO media"),
+    "get": _statement("SELECT data FROM media"),
+    "delete": _statement("DELETE FROM media"),
+    "size": _statement("SELECT octet_length(data)"),
+    "chunk": nth(2, _statement("SELECT substring(data")),
+}
+
+
+@pytest.mark.parametrize("case", list(MEDIA_CALLS))
+def test_a_media_call_whose_reply_was_lost_answers_as_the_first_run(case: str, postgres_url: str) -> None:
+    from fluxserve.outputs import CHUNK_BYTES
+    from fluxserve.outputs.postgres import PostgresOutputStore
+
+    image = bytes(range(256)) * (CHUNK_BYTES // 256 * 2 + 3)  # three chunks
+    with _behind_proxy(postgres_url, PostgresOutputStore) as (proxy, store, direct):
+        if case != "put":
+            direct.put("a.png", image)
+        rule = proxy.lose_next(MEDIA_CALLS[case])
+        try:
+            answer: Any = None
+            if case == "put":
+                store.put("a.png", image)
+            elif case == "get":
+                answer = store.get("a.png")
+            elif case == "delete":
+                store.delete("a.png")
+            else:
+                chunks = store.iter_chunks("a.png")
+                assert chunks is not None
+                answer = b"".join(chunks)
+        finally:
+            proxy.remove(rule)
+        assert rule.fired.is_set() and len(rule.hits) == 1, f"no {case} reply was lost"
+        if case == "delete":
+            assert direct.get("a.png") is None
+        else:
+            assert direct.get("a.png") == image
+            assert answer in (None, image) and (case == "put" or answer == image)
+
+
 # -- timeouts below the lease --------------------------------------------------------------------
 
 
@@ -671,7 +821,9 @@ SOAK_JOBS = 50
 SOAK_CLIENTS = 5
 SOAK_LOSS = 0.10
 _SETUP_COMMANDS = {"CLIENT", "HELLO", "AUTH", "SELECT", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"}
-_JOB_TABLES = re.compile(r"\b(jobs|deliveries)\b")
+# Every store's tables: jobs and outbox, accounts (keys, credits, rate limits, secrets), media.
+_STORE_TABLES = re.compile(
+    r"\b(jobs|deliveries|accounts|api_keys|reservations|ledger|rate_limits|shared_secrets|media)\b")
 
 
 def _soak_posts(fleet: Fleet, job_ids: list[str]) -> list[dict]:
@@ -680,11 +832,12 @@ def _soak_posts(fleet: Fleet, job_ids: list[str]) -> list[dict]:
 
 
 def soak_losses(backend: str) -> Callable[[Request], bool]:
-    """Redis: every data command (the job store's scripts, credits, media). PostgreSQL: the job store's
-    statements and their COMMITs (the accounts and media stores make no re-runs of their own)."""
+    """Redis: every data command (the job store's scripts, credits, media). PostgreSQL: every store's
+    statements and their COMMITs (jobs and outbox, accounts and credits, media), not a connection's
+    set-up or its pool's check."""
     if backend == "redis":
         return lambda r: r.name not in _SETUP_COMMANDS
-    return lambda r: any(_JOB_TABLES.search(text) for text in (*r.texts, *r.transaction))
+    return lambda r: any(_STORE_TABLES.search(text) for text in (*r.texts, *r.transaction))
 
 
 @pytest.mark.parametrize("backend", ["redis", "postgres"])
@@ -769,6 +922,10 @@ def _soak(fleet: Fleet, started: float) -> None:
     # Retention: every job goes, and its image with it.
     wait_for(lambda: fleet.direct.job_count() == 0 and fleet.direct.media_count() == 0, timeout=30,
              what="every expired job and its image to be purged")
+    if fleet.backend == "postgres":  # the losses reached every store's statements, not the job store's only
+        touched = {table for hit in losses.hits for table in _STORE_TABLES.findall("\n".join((*hit.texts,
+                                                                                               *hit.transaction)))}
+        assert touched >= {"jobs", "deliveries", "reservations", "ledger", "media"}, touched
     lost = Counter(hit.script or hit.name for hit in losses.hits)
     print(f"\n{fleet.backend} soak: {SOAK_JOBS} jobs in {ran:.1f}s; {fleet.proxy.requests} requests through the "
           f"proxy, {len(losses.hits)} replies lost ({dict(lost.most_common(8))}); answers {dict(statuses)}")

@@ -7,6 +7,17 @@ CHECK constraints keep every balance at zero or more and the reserved amount wit
 refuses UPDATE, DELETE and TRUNCATE on the ledger. (A trigger does not stop the tables' owner, who can
 disable it: let the server connect as a role that has DML rights only.) Every time is the database's
 clock (`clock_timestamp()`), so replicas with drifting clocks agree on rate limits.
+
+A reply can be lost after the server ran a call (a reset connection, a reply held past the try's time
+and cut): every call is run again (`pgdb.StoreCalls`), with the same arguments, and answers the re-run
+as it answered the first run, as the Redis store's scripts do. What the call chose before it started
+makes that possible: create_account its account id (a re-run that finds the account returns it),
+top_up a token recorded on its ledger row (`op`: a re-run that finds its row credits nothing more),
+add_key its key id and digest (the same key found again is returned), revoke_key and settle a token
+recorded on the row they changed (`revoked_by`, `settled_by`: a re-run that finds its own token
+answers True again), rotate_webhook_secret the new secret. A reservation is known by its job id. A
+re-run of take_token may take a second token (the first's reply lost after it counted): a rate limit
+errs on the strict side there, once in a while.
 """
 
 from __future__ import annotations
@@ -16,7 +27,8 @@ import uuid
 from typing import Any
 
 import psycopg
-from psycopg import Connection
+from psycopg import Cursor
+from psycopg.rows import DictRow
 from psycopg_pool import ConnectionPool
 
 from fluxserve.accounts import (
@@ -29,7 +41,7 @@ from fluxserve.accounts import (
     new_shared_secret,
 )
 from fluxserve.accounts.ratelimit import gcra
-from fluxserve.pgdb import migrate, open_pool
+from fluxserve.pgdb import CallTimeouts, StoreCalls, migrate, open_pool
 from fluxserve.webhooks.signing import new_secret
 
 COMPONENT = "accounts"
@@ -87,6 +99,11 @@ SCHEMA: tuple[str, ...] = (
            name       text PRIMARY KEY,
            value      text NOT NULL,
            created_at timestamptz NOT NULL DEFAULT clock_timestamp())""",
+    # Per-call tokens, so that a call re-run after a lost reply finds what it did the first time.
+    "ALTER TABLE ledger ADD COLUMN op text",
+    "CREATE UNIQUE INDEX ledger_op ON ledger (op) WHERE op IS NOT NULL",
+    "ALTER TABLE api_keys ADD COLUMN revoked_by text",
+    "ALTER TABLE reservations ADD COLUMN settled_by text",
 )
 
 
@@ -104,27 +121,29 @@ _SETTABLE = ("webhook_url", "webhook_secret")
 
 
 class PostgresAccountStore:
-    def __init__(self, pool: ConnectionPool, *, owns_pool: bool = False) -> None:
+    def __init__(self, pool: ConnectionPool, *, owns_pool: bool = False,
+                 timeouts: CallTimeouts | None = None) -> None:
         self.pool = pool
         self._owns_pool = owns_pool
+        self._calls = StoreCalls(pool, timeouts or CallTimeouts.for_requests())
         migrate(pool, COMPONENT, SCHEMA)
 
     @classmethod
     def from_url(cls, url: str) -> PostgresAccountStore:
-        pool = open_pool(url, name="fluxserve-accounts")
+        timeouts = CallTimeouts.for_requests()
+        pool = open_pool(url, name="fluxserve-accounts", timeouts=timeouts)
         try:
-            return cls(pool, owns_pool=True)
+            return cls(pool, owns_pool=True, timeouts=timeouts)
         except BaseException:
             pool.close()
             raise
 
     def _one(self, query: str, params: tuple[Any, ...]) -> dict[str, Any] | None:
-        with self.pool.connection() as conn:
-            return conn.execute(query, params).fetchone()  # type: ignore[return-value]
+        """One statement whose re-run answers as the first run did (a read, an idempotent write)."""
+        return self._calls.fetch_one(query, params)
 
     def _all(self, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        with self.pool.connection() as conn:
-            return conn.execute(query, params).fetchall()  # type: ignore[return-value]
+        return self._calls.fetch_all(query, params)
 
     # -- accounts and keys ---------------------------------------------------------------------
 
@@ -134,18 +153,26 @@ class PostgresAccountStore:
     ) -> Account:
         if credits < 0 or rate_per_minute < 0 or max_in_flight < 0:
             raise ValueError("credits and limits must not be negative")
-        account_id = uuid.uuid4().hex
-        try:
-            with self.pool.connection() as conn, conn.transaction():
-                conn.execute(
-                    """INSERT INTO accounts (id, name, balance, rate_per_minute, max_in_flight, models, webhook_secret)
-                       VALUES (%s, %s, 0, %s, %s, %s::jsonb, %s)""",
-                    (account_id, name, float(rate_per_minute), int(max_in_flight),
-                     None if models is None else json.dumps(list(models)), new_secret()),
-                )
-                _move(conn, account_id, "credit", amount=credits, reserved_change=0, note="opening balance")
-        except psycopg.errors.UniqueViolation:
-            raise ValueError(f"an account named {name!r} already exists") from None
+        account_id, secret = uuid.uuid4().hex, new_secret()  # chosen once: a re-run recognises its account
+
+        def run(_retried: bool) -> None:
+            try:
+                with self._calls.cursor(transaction=True) as cur:
+                    cur.execute(
+                        """INSERT INTO accounts (id, name, balance, rate_per_minute, max_in_flight, models,
+                                                 webhook_secret)
+                           VALUES (%s, %s, 0, %s, %s, %s::jsonb, %s)""",
+                        (account_id, name, float(rate_per_minute), int(max_in_flight),
+                         None if models is None else json.dumps(list(models)), secret),
+                    )
+                    _move(cur, account_id, "credit", amount=credits, reserved_change=0, note="opening balance")
+            except psycopg.errors.UniqueViolation:
+                # The account (with its opening balance: one transaction) may be this call's own, made
+                # by a run whose reply was lost.
+                if self._one("SELECT id FROM accounts WHERE id = %s", (account_id,)) is None:
+                    raise ValueError(f"an account named {name!r} already exists") from None
+
+        self._calls.call(run)
         return self._account(account_id)
 
     def _account(self, account_id: str) -> Account:
@@ -168,20 +195,40 @@ class PostgresAccountStore:
     def top_up(self, account_id: str, credits: int, note: str | None = None) -> Account:
         if credits <= 0:
             raise ValueError("a top-up adds a positive amount of credits")
-        with self.pool.connection() as conn, conn.transaction():
-            _move(conn, account_id, "credit", amount=credits, reserved_change=0, note=note or "top-up")
+        op = uuid.uuid4().hex  # recorded with the ledger row: a re-run that finds it credits nothing more
+
+        def run(_retried: bool) -> None:
+            try:
+                with self._calls.cursor(transaction=True) as cur:
+                    if cur.execute("SELECT 1 FROM ledger WHERE op = %s", (op,)).fetchone() is None:
+                        _move(cur, account_id, "credit", amount=credits, reserved_change=0, note=note or "top-up",
+                              op=op)
+            except psycopg.errors.UniqueViolation as exc:
+                # A first run still committing when this one looked: its row stands, this one is refused.
+                if exc.diag.constraint_name != "ledger_op":
+                    raise
+
+        self._calls.call(run)
         return self._account(account_id)
 
     def add_key(self, key_id: str, account_id: str, digest: str) -> ApiKey:
-        try:
-            row = self._one(
-                f"INSERT INTO api_keys (id, account_id, digest) VALUES (%s, %s, %s) RETURNING {_KEY}",
-                (key_id, account_id, digest),
-            )
-        except psycopg.errors.ForeignKeyViolation:
-            raise KeyError(f"no account {account_id}") from None
-        except psycopg.errors.UniqueViolation:
-            raise ValueError(f"a key {key_id!r} already exists") from None
+        def run(_retried: bool) -> dict[str, Any] | None:
+            try:
+                with self._calls.cursor() as cur:
+                    return cur.execute(
+                        f"INSERT INTO api_keys (id, account_id, digest) VALUES (%s, %s, %s) RETURNING {_KEY}",
+                        (key_id, account_id, digest),
+                    ).fetchone()
+            except psycopg.errors.ForeignKeyViolation:
+                raise KeyError(f"no account {account_id}") from None
+            except psycopg.errors.UniqueViolation:
+                # The same key (a run whose reply was lost added it) is this call's answer; another is not.
+                existing = self._one(f"SELECT {_KEY} FROM api_keys WHERE id = %s", (key_id,))
+                if existing is None or (existing["account_id"], existing["digest"]) != (account_id, digest):
+                    raise ValueError(f"a key {key_id!r} already exists") from None
+                return existing
+
+        row = self._calls.call(run)
         assert row is not None
         return ApiKey(**row)
 
@@ -193,11 +240,22 @@ class PostgresAccountStore:
         return [ApiKey(**row) for row in self._all(f"SELECT {_KEY} FROM api_keys ORDER BY created_at, id")]
 
     def revoke_key(self, key_id: str) -> bool:
-        with self.pool.connection() as conn:
-            cursor = conn.execute(
-                "UPDATE api_keys SET revoked_at = clock_timestamp() WHERE id = %s AND revoked_at IS NULL", (key_id,)
-            )
-            return cursor.rowcount == 1
+        token = uuid.uuid4().hex  # recorded on the key: a re-run that finds it knows the key was revoked by this call
+
+        def run(_retried: bool) -> bool:
+            with self._calls.cursor() as cur:
+                revoked = cur.execute(
+                    """UPDATE api_keys SET revoked_at = clock_timestamp(), revoked_by = %s
+                       WHERE id = %s AND revoked_at IS NULL""",
+                    (token, key_id),
+                ).rowcount
+                if revoked:
+                    return True
+                # A statement of its own (a fresh snapshot): it sees a first run that committed meanwhile.
+                row = cur.execute("SELECT revoked_by FROM api_keys WHERE id = %s", (key_id,)).fetchone()
+                return row is not None and row["revoked_by"] == token
+
+        return self._calls.call(run)
 
     def has_keys(self) -> bool:
         row = self._one("SELECT EXISTS (SELECT 1 FROM api_keys) AS any", ())
@@ -210,7 +268,7 @@ class PostgresAccountStore:
         return self._update_account(account_id, "webhook_secret", new_secret())
 
     def _update_account(self, account_id: str, column: str, value: str | None) -> Account:
-        assert column in _SETTABLE
+        assert column in _SETTABLE  # `value` was chosen before the call: a re-run sets the same one
         row = self._one(f"UPDATE accounts SET {column} = %s WHERE id = %s RETURNING {_ACCOUNT}", (value, account_id))
         if row is None:
             raise KeyError(f"no account {account_id}")
@@ -231,7 +289,11 @@ class PostgresAccountStore:
             return existing
 
     def _reserve(self, job_id: str, account_id: str, key_id: str, amount: int) -> Reservation:
-        with self.pool.connection() as conn, conn.transaction():
+        # A re-run finds the reservation its first run made (by job id) and returns it.
+        return self._calls.call(lambda _retried: self._reserve_once(job_id, account_id, key_id, amount))
+
+    def _reserve_once(self, job_id: str, account_id: str, key_id: str, amount: int) -> Reservation:
+        with self._calls.cursor(transaction=True) as conn:
             # The account's row lock serialises the checks and the move against every other reservation
             # on it; the job's reservation is read after the lock, so a racing twin's is seen.
             account = conn.execute(
@@ -239,13 +301,13 @@ class PostgresAccountStore:
             ).fetchone()
             existing = conn.execute(f"SELECT {_RESERVATION} FROM reservations WHERE job_id = %s", (job_id,)).fetchone()
             if existing:
-                return Reservation(**existing)  # type: ignore[arg-type]
+                return Reservation(**existing)
             if account is None:
                 raise KeyError(f"no account {account_id}")
-            limit = account["max_in_flight"]  # type: ignore[call-overload]
+            limit = account["max_in_flight"]
             if limit and self._count_in_flight(conn, key_id) >= limit:
                 raise TooManyInFlight(limit)
-            available = account["balance"] - account["reserved"]  # type: ignore[call-overload]
+            available = account["balance"] - account["reserved"]
             if available < amount:
                 raise NotEnoughCredits(amount, available)
             _move(conn, account_id, "reserve", amount=0, reserved_change=amount, job_id=job_id)
@@ -257,35 +319,45 @@ class PostgresAccountStore:
         return Reservation(**row)  # type: ignore[arg-type]
 
     def settle(self, job_id: str, *, charge: bool) -> bool:
-        with self.pool.connection() as conn, conn.transaction():
-            # The conditional update is the once-only guard: only one caller flips 'open' (others wait
-            # for its row lock, then find the state changed).
-            row = conn.execute(
-                """UPDATE reservations SET state = %s, settled_at = clock_timestamp()
-                   WHERE job_id = %s AND state = 'open' RETURNING account_id, amount""",
-                ("charged" if charge else "released", job_id),
-            ).fetchone()
-            if row is None:
-                return False
-            amount = row["amount"]  # type: ignore[call-overload]
-            _move(conn, row["account_id"], "charge" if charge else "release",  # type: ignore[call-overload]
-                  amount=-amount if charge else 0, reserved_change=-amount, job_id=job_id)
-        return True
+        token = uuid.uuid4().hex  # recorded on the reservation: a re-run that finds it answers True again
+
+        def run(_retried: bool) -> bool:
+            with self._calls.cursor(transaction=True) as cur:
+                # The conditional update is the once-only guard: only one caller flips 'open' (others
+                # wait for its row lock, then find the state changed).
+                row = cur.execute(
+                    """UPDATE reservations SET state = %s, settled_at = clock_timestamp(), settled_by = %s
+                       WHERE job_id = %s AND state = 'open' RETURNING account_id, amount""",
+                    ("charged" if charge else "released", token, job_id),
+                ).fetchone()
+                if row is None:
+                    # Settled already: by this call's first run (its reply lost), or by another call.
+                    mine = cur.execute("SELECT settled_by FROM reservations WHERE job_id = %s", (job_id,)).fetchone()
+                    return mine is not None and mine["settled_by"] == token
+                amount = row["amount"]
+                _move(cur, row["account_id"], "charge" if charge else "release",
+                      amount=-amount if charge else 0, reserved_change=-amount, job_id=job_id)
+            return True
+
+        return self._calls.call(run)
 
     def get_reservation(self, job_id: str) -> Reservation | None:
         row = self._one(f"SELECT {_RESERVATION} FROM reservations WHERE job_id = %s", (job_id,))
         return Reservation(**row) if row else None
 
     def in_flight(self, key_id: str) -> int:
-        with self.pool.connection() as conn:
-            return self._count_in_flight(conn, key_id)
+        def run(_retried: bool) -> int:
+            with self._calls.cursor() as cur:
+                return self._count_in_flight(cur, key_id)
+
+        return self._calls.call(run)
 
     @staticmethod
-    def _count_in_flight(conn: Connection, key_id: str) -> int:
+    def _count_in_flight(conn: Cursor[DictRow], key_id: str) -> int:
         row = conn.execute(
             "SELECT count(*) AS n FROM reservations WHERE state = 'open' AND key_id = %s", (key_id,)
         ).fetchone()
-        return int(row["n"]) if row else 0  # type: ignore[call-overload]
+        return int(row["n"]) if row else 0
 
     def open_reservations(self) -> list[Reservation]:
         rows = self._all(f"SELECT {_RESERVATION} FROM reservations WHERE state = 'open' ORDER BY created_at, job_id")
@@ -303,24 +375,33 @@ class PostgresAccountStore:
     def take_token(self, bucket: str, rate_per_minute: float) -> float:
         if rate_per_minute <= 0:  # 0 = unlimited
             return 0.0
-        with self.pool.connection() as conn, conn.transaction():
+        # A re-run (the first run's reply lost after it counted) may take a second token: see the module.
+        return self._calls.call(lambda _retried: self._take_token_once(bucket, rate_per_minute))
+
+    def _take_token_once(self, bucket: str, rate_per_minute: float) -> float:
+        with self._calls.cursor(transaction=True) as conn:
             conn.execute("INSERT INTO rate_limits (bucket, tat) VALUES (%s, 0) ON CONFLICT (bucket) DO NOTHING",
                          (bucket,))
             row = conn.execute("SELECT tat FROM rate_limits WHERE bucket = %s FOR UPDATE", (bucket,)).fetchone()
             # The clock is read once the row is ours: a wait for the lock does not age `now`.
             clock = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8 AS now").fetchone()
-            tat, retry_after = gcra(row["tat"], clock["now"], rate_per_minute)  # type: ignore[call-overload, index]
+            tat, retry_after = gcra(row["tat"], clock["now"], rate_per_minute)  # type: ignore[index]
             if retry_after == 0:
                 conn.execute("UPDATE rate_limits SET tat = %s WHERE bucket = %s", (tat, bucket))
         return retry_after
 
     def shared_secret(self, name: str, *, initial: str | None = None) -> str:
-        with self.pool.connection() as conn:
-            conn.execute("INSERT INTO shared_secrets (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
-                         (name, initial or new_shared_secret()))
-            row = conn.execute("SELECT value FROM shared_secrets WHERE name = %s", (name,)).fetchone()
-        assert row is not None
-        return str(row["value"])  # type: ignore[call-overload]
+        candidate = initial or new_shared_secret()
+
+        def run(_retried: bool) -> str:
+            with self._calls.cursor() as cur:
+                cur.execute("INSERT INTO shared_secrets (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                            (name, candidate))
+                row = cur.execute("SELECT value FROM shared_secrets WHERE name = %s", (name,)).fetchone()
+            assert row is not None
+            return str(row["value"])
+
+        return self._calls.call(run)
 
     def close(self) -> None:
         if self._owns_pool:
@@ -334,8 +415,8 @@ class PostgresAccountStore:
 
 
 def _move(
-    conn: Connection, account_id: str, kind: str, *, amount: int, reserved_change: int,
-    job_id: str | None = None, note: str | None = None,
+    conn: Cursor[DictRow], account_id: str, kind: str, *, amount: int, reserved_change: int,
+    job_id: str | None = None, note: str | None = None, op: str | None = None,
 ) -> None:
     """Change an account's balance and reserved amount and append the ledger row, in the caller's
     transaction, as one statement: the UPDATE locks the row, and the CHECKs refuse a bad result."""
@@ -343,11 +424,13 @@ def _move(
         """WITH moved AS (
                UPDATE accounts SET balance = balance + %(amount)s, reserved = reserved + %(reserved)s
                WHERE id = %(account)s RETURNING id, balance, reserved)
-           INSERT INTO ledger (account_id, kind, amount, reserved_change, balance_after, reserved_after, job_id, note)
-           SELECT id, %(kind)s::text, %(amount)s, %(reserved)s, balance, reserved, %(job)s::text, %(note)s::text
+           INSERT INTO ledger (account_id, kind, amount, reserved_change, balance_after, reserved_after, job_id,
+                               note, op)
+           SELECT id, %(kind)s::text, %(amount)s, %(reserved)s, balance, reserved, %(job)s::text, %(note)s::text,
+                  %(op)s::text
            FROM moved RETURNING seq""",
         {"account": account_id, "kind": kind, "amount": int(amount), "reserved": int(reserved_change),
-         "job": job_id, "note": note},
+         "job": job_id, "note": note, "op": op},
     ).fetchone()
     if row is None:
         raise KeyError(f"no account {account_id}")

@@ -28,15 +28,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import Cursor, sql
 from psycopg.errors import UniqueViolation
-from psycopg.rows import DictRow, dict_row
+from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
-from psycopg_pool import PoolTimeout
 
 from fluxserve.contract import JobState
 from fluxserve.jobs import (
@@ -50,8 +49,7 @@ from fluxserve.jobs import (
 )
 from fluxserve.jobs.outbox import Delivery, DeliveryLease, DeliveryState
 from fluxserve.jobs.policy import RECLAIM_DELAY_CAP, LeasePolicy, idempotency_scope
-from fluxserve.pgdb import CONNECT_TIMEOUT_S, CallTimeouts, migrate, open_pool, watchdog
-from fluxserve.store_faults import is_transient
+from fluxserve.pgdb import CONNECT_TIMEOUT_S, CallTimeouts, StoreCalls, migrate, open_pool, watchdog
 
 log = logging.getLogger(__name__)
 
@@ -191,13 +189,6 @@ def active_jobs_query(slugs: Sequence[str]) -> str:
 # How often a waiter re-reads the table without a notification: what a lost one costs at most.
 _RECHECK_SECONDS = 1.0
 _SUBMIT_TRIES = 3  # a submit that lost an idempotency race finds the winner on its next try
-# A call re-run after a transient fault: first pause, doubling up to the cap; at most _RUNS runs in
-# all (a run may be a transaction of several statements, each of which may lose its reply), and none
-# in a remainder of the budget shorter than the last figure.
-_RETRY_FIRST_S = 0.02
-_RETRY_CAP_S = 0.5
-_RUNS = 10
-_RETRY_MIN_WINDOW_S = 0.25
 _ANY = "*"  # a waiter for any payload of its channel
 _MAX_PAYLOAD_BYTES = 7999  # NOTIFY refuses 8000 bytes and more
 _MAX_CHANNEL_BYTES = 63  # NAMEDATALEN - 1: pg_notify refuses longer names, LISTEN truncates them
@@ -207,8 +198,8 @@ class PostgresJobStore:
     def __init__(self, url: str, *, policy: LeasePolicy | None = None) -> None:
         self.policy = policy or LeasePolicy()
         self.timeouts = CallTimeouts.for_lease(self.policy.lease_seconds)
-        self._local = threading.local()  # the deadline of the call this thread is making
         self.pool = open_pool(url, name="fluxserve-jobs", lease_seconds=self.policy.lease_seconds)
+        self._calls = StoreCalls(self.pool, self.timeouts)
         try:
             migrate(self.pool, "jobs", _MIGRATIONS)
             schema = self._one("SELECT current_schema() AS name")["name"]
@@ -229,47 +220,14 @@ class PostgresJobStore:
 
     # -- connections -------------------------------------------------------------------------
 
-    @contextmanager
-    def _cursor(self, *, transaction: bool = False) -> Iterator[Cursor[DictRow]]:
-        """A cursor on a pooled autocommit connection (one statement, one transaction), or inside an
-        explicit transaction; the try (the borrow included) is cut once its time is up."""
-        started = time.monotonic()
-        deadline = getattr(self._local, "deadline", None)
-        seconds = self.timeouts.per_try if deadline is None else min(self.timeouts.per_try, deadline - started)
-        seconds = max(seconds, _RETRY_MIN_WINDOW_S)
-        with self.pool.connection(timeout=min(self.timeouts.pool, seconds)) as conn, \
-                watchdog.guard(conn, seconds - (time.monotonic() - started)):
-            if transaction:
-                with conn.transaction():
-                    yield conn.cursor(row_factory=dict_row)
-            else:
-                yield conn.cursor(row_factory=dict_row)
+    def _cursor(self, *, transaction: bool = False) -> AbstractContextManager[Cursor[DictRow]]:
+        """A cursor for one try of a call (see `pgdb.StoreCalls.cursor`)."""
+        return self._calls.cursor(transaction=transaction)
 
     def _call(self, run: Callable[[bool], T]) -> T:
-        """`run(retried)`, run again (`retried` True) after a transient fault met once a request may have
-        gone out, while the call's budget lasts. The first try may have taken effect before its reply was
-        lost: every transition answers a re-run with the same arguments as it answered the first. A call
-        that got no connection (PoolTimeout: nothing was sent) is not re-run: the store is down, the
-        caller's own policy applies (the worker retries, the API answers 503)."""
-        outer = getattr(self._local, "deadline", None)
-        deadline = time.monotonic() + self.timeouts.budget if outer is None else outer
-        self._local.deadline = deadline
-        delay, retried, runs = _RETRY_FIRST_S, False, 0
-        try:
-            while True:
-                runs += 1
-                try:
-                    return run(retried)
-                except Exception as exc:
-                    if (not is_transient(exc) or isinstance(exc, PoolTimeout) or runs >= _RUNS
-                            or deadline - time.monotonic() - delay < _RETRY_MIN_WINDOW_S):
-                        raise
-                    log.info("PostgreSQL call failed (%s: %s); running it again", type(exc).__name__,
-                             str(exc).strip().splitlines()[0] if str(exc).strip() else "")
-                time.sleep(delay)
-                delay, retried = min(delay * 2, _RETRY_CAP_S), True
-        finally:
-            self._local.deadline = outer
+        """`run(retried)`, run again after a transient fault while the call's budget lasts (see
+        `pgdb.StoreCalls.call`): every transition answers a re-run as it answered the first run."""
+        return self._calls.call(run)
 
     def _one(self, query: str, params: Any = None) -> DictRow:
         row = self._fetch_one(query, params)
@@ -277,26 +235,14 @@ class PostgresJobStore:
         return row
 
     def _fetch_one(self, query: str, params: Any = None) -> DictRow | None:
-        def run(_retried: bool) -> DictRow | None:
-            with self._cursor() as cur:
-                return cur.execute(query, params).fetchone()
-
-        return self._call(run)
+        return self._calls.fetch_one(query, params)
 
     def _fetch_all(self, query: str, params: Any = None) -> list[DictRow]:
-        def run(_retried: bool) -> list[DictRow]:
-            with self._cursor() as cur:
-                return cur.execute(query, params).fetchall()
-
-        return self._call(run)
+        return self._calls.fetch_all(query, params)
 
     def _rowcount(self, query: str, params: Any = None) -> int:
         """Run one statement whose re-run changes nothing more (and matches as many rows); its row count."""
-        def run(_retried: bool) -> int:
-            with self._cursor() as cur:
-                return cur.execute(query, params).rowcount
-
-        return self._call(run)
+        return self._calls.rowcount(query, params)
 
     def _policy_params(self) -> dict[str, Any]:
         policy = self.policy

@@ -8,6 +8,10 @@ connection borrowed for that one query (a slow client never holds a connection).
 The janitor deletes media with their job; with `ttl_seconds` set, a put also deletes rows older than
 that now and then (at most once a minute per process), a safety net for when no janitor runs, as the
 Redis store's key TTL is.
+
+Every call is run again after a lost reply (`pgdb.StoreCalls`: a reset connection, a reply held past
+the try's time and cut): a put is an upsert of the same bytes, a delete of a gone row deletes nothing,
+and reads change nothing, so a re-run answers as the first run would have.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from fluxserve.outputs import CHUNK_BYTES
-from fluxserve.pgdb import migrate, open_pool
+from fluxserve.pgdb import CallTimeouts, StoreCalls, migrate, open_pool
 
 COMPONENT = "outputs"
 # Step n is schema version n (see fluxserve.pgdb.migrate): append, never edit.
@@ -40,8 +44,10 @@ log = logging.getLogger(__name__)
 
 
 class PostgresOutputStore:
-    def __init__(self, pool: ConnectionPool, *, ttl_seconds: float | None = None, owns_pool: bool = False) -> None:
+    def __init__(self, pool: ConnectionPool, *, ttl_seconds: float | None = None, owns_pool: bool = False,
+                 timeouts: CallTimeouts | None = None) -> None:
         self.pool = pool
+        self._calls = StoreCalls(pool, timeouts or CallTimeouts.for_requests())
         self.ttl_seconds = ttl_seconds
         self._owns_pool = owns_pool
         self._swept_at = float("-inf")
@@ -50,9 +56,10 @@ class PostgresOutputStore:
 
     @classmethod
     def from_url(cls, url: str, **options) -> PostgresOutputStore:
-        pool = open_pool(url, name="fluxserve-outputs")
+        timeouts = CallTimeouts.for_requests()
+        pool = open_pool(url, name="fluxserve-outputs", timeouts=timeouts)
         try:
-            return cls(pool, owns_pool=True, **options)
+            return cls(pool, owns_pool=True, timeouts=timeouts, **options)
         except BaseException:
             pool.close()
             raise
@@ -63,22 +70,19 @@ class PostgresOutputStore:
 
     def put(self, key: str, data: bytes) -> None:
         # %b: the bytes travel in binary, not hex-escaped (twice the size) as text parameters would.
-        with self.pool.connection() as conn:
-            conn.execute(
-                """INSERT INTO media (key, data) VALUES (%s, %b)
-                   ON CONFLICT (key) DO UPDATE SET data = excluded.data, created_at = clock_timestamp()""",
-                (key, data),
-            )
+        self._calls.rowcount(
+            """INSERT INTO media (key, data) VALUES (%s, %b)
+               ON CONFLICT (key) DO UPDATE SET data = excluded.data, created_at = clock_timestamp()""",
+            (key, data),
+        )
         self._maybe_sweep()
 
     def get(self, key: str) -> bytes | None:
-        with self.pool.connection() as conn:
-            row = conn.execute("SELECT data FROM media WHERE key = %s", (key,), binary=True).fetchone()
-        return bytes(row["data"]) if row else None  # type: ignore[call-overload]
+        row = self._calls.fetch_one("SELECT data FROM media WHERE key = %s", (key,), binary=True)
+        return bytes(row["data"]) if row else None
 
     def delete(self, key: str) -> None:
-        with self.pool.connection() as conn:
-            conn.execute("DELETE FROM media WHERE key = %s", (key,))
+        self._calls.rowcount("DELETE FROM media WHERE key = %s", (key,))
 
     def link(self, key: str) -> str | None:
         return None  # served through the API
@@ -87,21 +91,19 @@ class PostgresOutputStore:
         return None
 
     def iter_chunks(self, key: str) -> Iterator[bytes] | None:
-        with self.pool.connection() as conn:
-            row = conn.execute("SELECT octet_length(data) AS size FROM media WHERE key = %s", (key,)).fetchone()
+        row = self._calls.fetch_one("SELECT octet_length(data) AS size FROM media WHERE key = %s", (key,))
         if row is None:
             return None
-        return self._ranges(key, int(row["size"]))  # type: ignore[call-overload]
+        return self._ranges(key, int(row["size"]))
 
     def _ranges(self, key: str, size: int) -> Iterator[bytes]:
         for start in range(0, size, CHUNK_BYTES):
-            with self.pool.connection() as conn:
-                row = conn.execute(
-                    "SELECT substring(data FROM %s FOR %s) AS chunk FROM media WHERE key = %s",
-                    (start + 1, CHUNK_BYTES, key),  # substring counts from 1
-                    binary=True,
-                ).fetchone()
-            chunk = bytes(row["chunk"]) if row else b""  # type: ignore[call-overload]
+            row = self._calls.fetch_one(
+                "SELECT substring(data FROM %s FOR %s) AS chunk FROM media WHERE key = %s",
+                (start + 1, CHUNK_BYTES, key),  # substring counts from 1
+                binary=True,
+            )
+            chunk = bytes(row["chunk"]) if row else b""
             if not chunk:  # deleted while it was being read
                 return
             yield chunk
@@ -110,12 +112,11 @@ class PostgresOutputStore:
         """Delete the media older than `ttl_seconds` (none without a TTL); returns how many."""
         if not self.ttl_seconds:
             return 0
-        with self.pool.connection() as conn:
-            cursor = conn.execute(
-                "DELETE FROM media WHERE created_at < clock_timestamp() - make_interval(secs => %s)",
-                (float(self.ttl_seconds),),
-            )
-            return cursor.rowcount
+        # A re-run (the first run's reply lost) counts only what was left: the count is for the log.
+        return self._calls.rowcount(
+            "DELETE FROM media WHERE created_at < clock_timestamp() - make_interval(secs => %s)",
+            (float(self.ttl_seconds),),
+        )
 
     def _maybe_sweep(self) -> None:
         if not self.ttl_seconds:
