@@ -61,3 +61,10 @@ def test_load_bench_smoke():
         assert int(row["completed"]) == int(row["submits"]) and row["lost"] == "0"
         assert float(row["API CPU ms/submit"]) > 0
     assert row["rate/s"] == "20.0" and row["errors"] == "0"
+
+
+def test_load_bench_runs_a_postgres_fleet():
+    """The PostgreSQL fleet of bench/load.py: a private server, processes sharing only its URL."""
+    row = run_load_bench("--clients", "2", "--backends", "postgres")
+    assert row["backend"] == "postgres" and int(row["submits"]) > 0
+    assert int(row["completed"]) == int(row["submits"]) and row["lost"] == "0"
