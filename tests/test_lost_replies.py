@@ -3,7 +3,7 @@
 A reply-dropping proxy (`support.proxy`) sits between the app and a real Redis or PostgreSQL on
 loopback: the request reaches the server and runs, then its reply is lost (the connection is reset)
 or held past the client's timeout. The Redis client re-sends the command; the PostgreSQL stores
-runs the call again itself. The app runs in this process with the real API, janitor, webhook sender
+run the call again themselves. The app runs in this process with the real API, janitor, webhook sender
 and real `Worker`s on a paced fake engine; keys, credits and webhooks are on.
 
 - one lost reply per transition (submit, reserve, claim, heartbeat, progress, finish, settle, fail,
