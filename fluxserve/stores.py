@@ -15,14 +15,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from fluxserve import pgdb
 from fluxserve.accounts import AccountStore
+from fluxserve.accounts.postgres import PostgresAccountStore
+from fluxserve.accounts.redis import RedisAccountStore
+from fluxserve.accounts.sqlite import SqliteAccountStore
 from fluxserve.config import AccountSettings, OutputSettings, Settings, StoreSettings
 from fluxserve.jobs import JobStore
 from fluxserve.jobs.outbox import Outbox
 from fluxserve.jobs.policy import LeasePolicy
+from fluxserve.jobs.postgres import PostgresJobStore
+from fluxserve.jobs.redis import RedisJobStore
+from fluxserve.jobs.sqlite import SqliteJobStore
 from fluxserve.outputs import OutputStore
 from fluxserve.outputs.local import LocalOutputStore
-from fluxserve.pgdb import POSTGRES_SCHEMES
+from fluxserve.outputs.postgres import PostgresOutputStore
+from fluxserve.outputs.redis import RedisOutputStore
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 # Media outlive their job's record by this margin; the janitor normally deletes them first.
@@ -37,7 +45,7 @@ def backend_of(url: str | None) -> Backend:
         return "sqlite"
     if url.startswith(REDIS_SCHEMES):
         return "redis"
-    if url.startswith(POSTGRES_SCHEMES):
+    if url.startswith(pgdb.POSTGRES_SCHEMES):
         return "postgres"
     raise ValueError(f"Unsupported store URL: {url!r} (use sqlite:///path, redis://host:port/db or "
                      "postgresql://user@host:port/db)")
@@ -61,17 +69,11 @@ def open_jobs(config: StoreSettings, default_sqlite: Path) -> tuple[JobStore, Ou
     url = config.url
     backend = backend_of(url)
     if backend == "redis":
-        from fluxserve.jobs.redis import RedisJobStore
-
         redis = RedisJobStore.from_url(url, prefix=config.redis_prefix, policy=lease_policy(config))  # type: ignore[arg-type]
         return redis, redis.outbox()
     if backend == "postgres":
-        from fluxserve.jobs.postgres import PostgresJobStore
-
         postgres = PostgresJobStore.from_url(url, policy=lease_policy(config))  # type: ignore[arg-type]
         return postgres, postgres.outbox()
-    from fluxserve.jobs.sqlite import SqliteJobStore
-
     sqlite = SqliteJobStore(_sqlite_path(url, default_sqlite), lease_policy(config))
     return sqlite, sqlite.outbox()
 
@@ -86,13 +88,9 @@ def output_store_url(config: OutputSettings, store: StoreSettings) -> str | None
 def open_outputs(config: OutputSettings, store: StoreSettings, default_dir: Path) -> OutputStore:
     url = output_store_url(config, store)
     if url and url.startswith(REDIS_SCHEMES):
-        from fluxserve.outputs.redis import RedisOutputStore
-
         return RedisOutputStore.from_url(url, prefix=store.redis_prefix,
                                          ttl_seconds=store.retention_seconds + MEDIA_TTL_MARGIN_SECONDS)
-    if url and url.startswith(POSTGRES_SCHEMES):
-        from fluxserve.outputs.postgres import PostgresOutputStore
-
+    if url and url.startswith(pgdb.POSTGRES_SCHEMES):
         return PostgresOutputStore.from_url(url, ttl_seconds=store.retention_seconds + MEDIA_TTL_MARGIN_SECONDS)
     if url and url.startswith("s3://"):
         from fluxserve.outputs.s3 import S3OutputStore  # boto3 is slow to import: only S3 setups pay
@@ -110,15 +108,9 @@ def open_accounts(config: AccountSettings, store: StoreSettings, default_sqlite:
     url = config.store_url or store.url
     backend = backend_of(url)
     if backend == "redis":
-        from fluxserve.accounts.redis import RedisAccountStore
-
         return RedisAccountStore.from_url(url, prefix=store.redis_prefix)  # type: ignore[arg-type]
     if backend == "postgres":
-        from fluxserve.accounts.postgres import PostgresAccountStore
-
         return PostgresAccountStore.from_url(url)  # type: ignore[arg-type]
-    from fluxserve.accounts.sqlite import SqliteAccountStore
-
     return SqliteAccountStore(_sqlite_path(url, default_sqlite))
 
 
@@ -132,8 +124,6 @@ def open_all(settings: Settings) -> tuple[JobStore, Outbox, OutputStore, Account
 def migrate_all(settings: Settings) -> dict[str, list[int]]:
     """Bring every PostgreSQL schema the settings name up to date (opening a store migrates it).
     Returns each component's schema versions applied by this call (empty: it was current)."""
-    from fluxserve import pgdb
-
     pgdb.applied_here.clear()
     jobs, _outbox, outputs, accounts = open_all(settings)
     for store in (jobs, accounts, outputs):
