@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from fluxserve.config import StoreSettings
+from fluxserve.dbfile import SqliteFile
+from fluxserve.pgdb import migrate, open_pool
+from fluxserve.redisconn import connect
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +141,6 @@ CREATE TABLE IF NOT EXISTS model_presence (
 
 class SqlitePresence:
     def __init__(self, path: Path) -> None:
-        from fluxserve.dbfile import SqliteFile
-
         self.file = SqliteFile(path)
         self._ready = False  # the table is made at first use (a store busy at start-up fails no process)
 
@@ -191,8 +191,6 @@ class RedisPresence:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "fluxserve") -> RedisPresence:
-        from fluxserve.redisconn import connect
-
         return cls(connect(url, socket_timeout=5), prefix=prefix)
 
     def _key(self, worker_id: str) -> str:
@@ -257,8 +255,6 @@ class PostgresPresence:
 
     def _table(self) -> None:
         if not self._ready:
-            from fluxserve.pgdb import migrate
-
             with self._lock:
                 if not self._ready:
                     migrate(self.pool, POSTGRES_COMPONENT, POSTGRES_SCHEMA)
@@ -266,8 +262,6 @@ class PostgresPresence:
 
     @classmethod
     def from_url(cls, url: str) -> PostgresPresence:
-        from fluxserve.pgdb import open_pool
-
         return cls(open_pool(url, max_size=2, name="fluxserve-presence"))
 
     def advertise(self, worker_id: str, models: Mapping[str, ModelState], ttl: float) -> None:
@@ -298,19 +292,6 @@ class PostgresPresence:
 
     def close(self) -> None:
         self.pool.close()
-
-
-def open_presence(config: StoreSettings, default_sqlite: Path) -> Presence:
-    """The adverts' store: where the jobs are (`FLUXSERVE_STORE`)."""
-    from fluxserve.stores import backend_of
-
-    url = config.url
-    backend = backend_of(url)
-    if backend == "redis":
-        return RedisPresence.from_url(url, prefix=config.redis_prefix)  # type: ignore[arg-type]
-    if backend == "postgres":
-        return PostgresPresence.from_url(url)  # type: ignore[arg-type]
-    return SqlitePresence(Path(url.removeprefix("sqlite:///")) if url else default_sqlite)
 
 
 class Advertiser:

@@ -26,9 +26,9 @@ from fluxserve.engine.lora import LoraRegistry
 from fluxserve.jobs import Job
 from fluxserve.metrics import Metrics
 from fluxserve.moderation import Moderation, load_moderation
-from fluxserve.presence import Advertiser, PresenceView, open_presence
+from fluxserve.presence import Advertiser, PresenceView
 from fluxserve.store_faults import is_transient
-from fluxserve.stores import describe, open_all
+from fluxserve.stores import describe, open_all, open_presence
 from fluxserve.webhooks.delivery import WebhookSender
 from fluxserve.worker import Worker, new_worker_id
 

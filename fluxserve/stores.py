@@ -31,6 +31,7 @@ from fluxserve.outputs import OutputStore
 from fluxserve.outputs.local import LocalOutputStore
 from fluxserve.outputs.postgres import PostgresOutputStore
 from fluxserve.outputs.redis import RedisOutputStore
+from fluxserve.presence import PostgresPresence, Presence, RedisPresence, SqlitePresence
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 # Media outlive their job's record by this margin; the janitor normally deletes them first.
@@ -112,6 +113,17 @@ def open_accounts(config: AccountSettings, store: StoreSettings, default_sqlite:
     if backend == "postgres":
         return PostgresAccountStore.from_url(url)  # type: ignore[arg-type]
     return SqliteAccountStore(_sqlite_path(url, default_sqlite))
+
+
+def open_presence(config: StoreSettings, default_sqlite: Path) -> Presence:
+    """The workers' model adverts: where the jobs are."""
+    url = config.url
+    backend = backend_of(url)
+    if backend == "redis":
+        return RedisPresence.from_url(url, prefix=config.redis_prefix)  # type: ignore[arg-type]
+    if backend == "postgres":
+        return PostgresPresence.from_url(url)  # type: ignore[arg-type]
+    return SqlitePresence(_sqlite_path(url, default_sqlite))
 
 
 def open_all(settings: Settings) -> tuple[JobStore, Outbox, OutputStore, AccountStore]:

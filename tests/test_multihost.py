@@ -22,6 +22,7 @@ from fluxserve.config import Settings
 from fluxserve.stores import open_accounts
 
 from conftest import SLUG, wait_status
+from support.app import wait_for
 from support.processes import FluxserveProcess, PostgresServer, RedisServer, api_replica, worker
 
 SMALL = {"width": 128, "height": 128, "steps": 2, "outputFormat": "PNG"}
@@ -194,7 +195,7 @@ def test_a_store_outage_costs_no_accepted_job(hosts):
     for outage in (5, 20):
         with hosts.client(0) as a:
             accepted = [submit(a, f"outage {outage} {i}", seed=i, **LONG) for i in range(3)]
-            wait_for_state(a, accepted[0], "PROCESSING")
+            wait_status(a, accepted[0], states=("PROCESSING",))
         hosts.store.stop()
         seen = probe_during(hosts, outage)
         hosts.store.start()
@@ -229,22 +230,10 @@ def probe_during(hosts: Hosts, seconds: float) -> dict:
     return seen
 
 
-def wait_for_state(client: httpx.Client, job_id: str, state: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if client.get(f"/v2/requests/{job_id}/status").json().get("status") == state:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{job_id} never {state}")
-
-
 def wait_for_holder(workers: list[FluxserveProcess], job_id: str, timeout: float = 120) -> FluxserveProcess:
     """The worker whose log says it claimed the job."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for process in workers:
-            if any(job_id in line and "claimed" in line for line in process.log().splitlines()):
-                return process
-        time.sleep(0.05)
-    raise TimeoutError(f"no worker claimed {job_id}")
+    def holder() -> FluxserveProcess | None:
+        return next((process for process in workers
+                     if any(job_id in line and "claimed" in line for line in process.log().splitlines())), None)
 
+    return wait_for(holder, timeout=timeout, what=f"a worker claiming {job_id}")
