@@ -253,7 +253,8 @@ class PostgresPresence:
         self._ready = False  # migrated at first use (a database down at start-up fails no process)
         self._lock = threading.Lock()
 
-    def _table(self) -> None:
+    def ensure_table(self) -> None:
+        """Apply the adverts' schema (at first use, or by `fluxserve migrate`)."""
         if not self._ready:
             with self._lock:
                 if not self._ready:
@@ -265,7 +266,7 @@ class PostgresPresence:
         return cls(open_pool(url, max_size=2, name="fluxserve-presence"))
 
     def advertise(self, worker_id: str, models: Mapping[str, ModelState], ttl: float) -> None:
-        self._table()
+        self.ensure_table()
         with self.pool.connection() as conn, conn.transaction():
             conn.execute("DELETE FROM fluxserve_model_presence WHERE worker_id = %s OR expires_at <= now()",
                          (worker_id,))
@@ -277,12 +278,12 @@ class PostgresPresence:
                 )
 
     def withdraw(self, worker_id: str) -> None:
-        self._table()
+        self.ensure_table()
         with self.pool.connection() as conn:
             conn.execute("DELETE FROM fluxserve_model_presence WHERE worker_id = %s", (worker_id,))
 
     def live(self) -> list[Advert]:
-        self._table()
+        self.ensure_table()
         with self.pool.connection() as conn:
             rows = conn.execute(
                 "SELECT worker_id, slug, state, error FROM fluxserve_model_presence WHERE expires_at > now() "

@@ -138,7 +138,10 @@ def migrate_all(settings: Settings) -> dict[str, list[int]]:
     Returns each component's schema versions applied by this call (empty: it was current)."""
     pgdb.applied_here.clear()
     jobs, _outbox, outputs, accounts = open_all(settings)
-    for store in (jobs, accounts, outputs):
+    presence = open_presence(settings.store, settings.sqlite_path)
+    if isinstance(presence, PostgresPresence):  # made at first use otherwise: a rollout wants it now
+        presence.ensure_table()
+    for store in (jobs, accounts, outputs, presence):
         close = getattr(store, "close", None)
         if close is not None:
             close()

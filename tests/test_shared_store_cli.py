@@ -53,7 +53,7 @@ def test_migrate_races_safely_and_reports(postgres_url, tmp_path):
         runs = list(pool.map(lambda _: fluxserve(tmp_path, env, "migrate"), range(3)))
     assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
     outputs = "\n".join(run.stdout for run in runs)
-    for component in ("jobs", "accounts", "outputs"):
+    for component in ("jobs", "accounts", "outputs", "presence"):
         assert outputs.count(f"{component}: applied") == 1, outputs  # exactly one racer applied each
     again = fluxserve(tmp_path, env, "migrate")
     assert "jobs: up to date" in again.stdout and "schema ready on the postgres store" in again.stdout
