@@ -34,9 +34,10 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_model):
-    """One shared `serve` process on the tiny model; its engine fails for prompts containing `__explode__`."""
+    """One shared `serve` process on the tiny model; its engine fails for prompts containing `__explode__`
+    and takes 0.1 s a step for prompts containing `__slowsteps__`."""
     srv = faulty_server(tmp_path_factory.mktemp("server"), env={"FLUXSERVE_MODEL": str(tiny_model)},
-                        error_on="__explode__").start()
+                        error_on="__explode__", slow_on="__slowsteps__").start()
     yield srv
     srv.stop()
 

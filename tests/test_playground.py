@@ -67,7 +67,8 @@ def test_generate_from_the_page(browser, server, output_dir):
 
     page.get_by_label("API key").fill("playground-key")
     page.get_by_label("API key").dispatch_event("change")
-    page.get_by_label("Prompt").fill("a lighthouse at dusk, from the playground")
+    # Slow steps (0.1 s each, see conftest) so the bar is seen between its first and last step on any machine.
+    page.get_by_label("Prompt").fill("a lighthouse at dusk, from the playground __slowsteps__")
     page.get_by_label("Width").fill("384")
     page.get_by_label("Height").fill("256")
     page.get_by_label("Steps").fill("24")

@@ -1,7 +1,8 @@
 """Test-side fault injection, composed through the composition root (`Services(settings, engine_loader=...)`).
 
-- `FaultyEngine`: wraps an engine (the `Engine` protocol); raises for prompts containing `error_on`
-  and sleeps `delay_seconds` before prompts containing `delay_on` (marker words in prompts).
+- `FaultyEngine`: wraps an engine (the `Engine` protocol); raises for prompts containing `error_on`,
+  sleeps `delay_seconds` before prompts containing `delay_on` and `step_seconds` after every denoising
+  step of prompts containing `slow_on` (marker words in prompts).
 - `failing_loader(message)`: an engine loader that fails: the engine is unavailable and the API answers 502.
 - `fail_submits_on(services, marker)`: the services' job store's `submit` raises for prompts containing
   `marker`: an internal error while submitting (500 with a log reference).
@@ -30,11 +31,13 @@ class FaultyEngine:
     """An `Engine` that fails or stalls on marker words in the prompt, and otherwise is `engine`."""
 
     def __init__(self, engine, *, error_on: str | None = None, delay_on: str | None = None,
-                 delay_seconds: float = 5.0) -> None:
+                 delay_seconds: float = 5.0, slow_on: str | None = None, step_seconds: float = 0.1) -> None:
         self.engine = engine
         self.error_on = error_on
         self.delay_on = delay_on
         self.delay_seconds = delay_seconds
+        self.slow_on = slow_on
+        self.step_seconds = step_seconds
         self._released = threading.Event()
 
     @property
@@ -46,7 +49,17 @@ class FaultyEngine:
             self._released.wait(self.delay_seconds)
         if self.error_on and self.error_on in params.prompt:
             raise InjectedFault(INJECTED_ENGINE_FAULT)
+        if self.slow_on and self.slow_on in params.prompt and on_step is not None:
+            on_step = self._slowed(on_step)
         return self.engine.generate(params, on_step=on_step, on_preview=on_preview)
+
+    def _slowed(self, on_step: Callable) -> Callable:
+        # Steps long enough that a follower polling every 0.2 s sees the job between its first and last step.
+        def step(*args, **kwargs):
+            self._released.wait(self.step_seconds)
+            return on_step(*args, **kwargs)
+
+        return step
 
     def metrics(self) -> dict[str, Any]:
         return self.engine.metrics()
@@ -95,9 +108,10 @@ def fail_submits_on(services, marker: str) -> None:
 
 
 def _fault_args(error_on: str | None = None, delay_on: str | None = None,
-                delay_seconds: float | None = None) -> list[str]:
+                delay_seconds: float | None = None, slow_on: str | None = None) -> list[str]:
     args = []
-    for flag, value in (("--error-on", error_on), ("--delay-on", delay_on), ("--delay-seconds", delay_seconds)):
+    for flag, value in (("--error-on", error_on), ("--delay-on", delay_on), ("--delay-seconds", delay_seconds),
+                        ("--slow-on", slow_on)):
         if value is not None:
             args += [flag, str(value)]
     return args
@@ -126,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--error-on")
     parser.add_argument("--delay-on")
     parser.add_argument("--delay-seconds", type=float, default=5.0)
+    parser.add_argument("--slow-on")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     import uvicorn
@@ -138,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = Settings()
     loader = faulty_loader(load_engine, error_on=options.error_on, delay_on=options.delay_on,
-                           delay_seconds=options.delay_seconds)
+                           delay_seconds=options.delay_seconds, slow_on=options.slow_on)
     app = create_app(settings, Services(settings, engine_loader=loader))
     configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
