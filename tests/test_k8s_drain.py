@@ -26,6 +26,7 @@ from fluxserve.jobs import Job, JobStore, new_job_id
 from fluxserve.stores import open_jobs
 
 from conftest import SLUG
+from support.app import wait_for
 from support.processes import FluxserveProcess, worker
 
 JOB_SECONDS = 4.0  # the fake engine's sleep per job
@@ -136,7 +137,9 @@ def test_sigterm_mid_job_drains_within_the_grace_period(store_env, tmp_path: Pat
         successor = worker(tmp_path / "worker-2.log", env).start()
         processes.append(successor)
         finished = wait_state(store, second.id, JobState.COMPLETED, timeout=120)
-        assert finished.attempts == 1 and second.id in completed_by(successor)
+        # The worker logs its "completed" line just after the store says so: wait for it.
+        assert finished.attempts == 1
+        wait_for(lambda: second.id in completed_by(successor), timeout=10, what="the successor's completed log line")
     finally:
         for process in processes:
             process.kill()
