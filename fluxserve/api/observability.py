@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from psycopg_pool import ConnectionPool
 
-from fluxserve.api.deps import ServicesDep, services_of
+from fluxserve.api.deps import ServicesDep
 from fluxserve.dbfile import SqliteFile
 from fluxserve.logs import log_context, new_request_id
 from fluxserve.metrics import CONTENT_TYPE
@@ -124,7 +124,7 @@ def _one_line(exc: BaseException) -> str:
 def readiness_probe(request: Request) -> ReadinessProbe:
     probe = getattr(request.app.state, "readiness", None)
     if probe is None:
-        probe = request.app.state.readiness = ReadinessProbe(services_of(request))
+        probe = request.app.state.readiness = ReadinessProbe(request.app.state.services)
     return probe
 
 

@@ -65,6 +65,7 @@ class Access:
         self.config = config
         self.store = store
         self.host = host
+        self.loopback = is_loopback(host)
         self.keyring = Keyring(store, lambda: server_secret(config.auth_secret, data_dir, store))
         self._keys_exist = False
         self._keys_checked_at = float("-inf")
@@ -74,7 +75,7 @@ class Access:
         mode = self.config.auth
         if mode != "auto":
             return mode == "required"
-        if not is_loopback(self.host):
+        if not self.loopback:
             return True
         # Keys are never deleted (only revoked), so once seen this stays true without asking again;
         # until then the store is asked at most once a second (a new key turns keys on within it).
@@ -110,6 +111,17 @@ class Access:
             log.info("auth: API keys required (x-api-key or Authorization: Bearer)")
         else:
             log.info("auth: open (loopback bind and no API key yet; `fluxserve keys create` turns keys on)")
+
+    def caller_known_without_store(self) -> Caller | None:
+        """The caller when no store call can change the answer (open mode, its key check fresh): so the
+        API need not hop to a thread to ask. None: ask `authenticate`."""
+        mode = self.config.auth
+        if mode == "off":
+            return ANONYMOUS
+        fresh = time.monotonic() - self._keys_checked_at < KEYS_RECHECK_SECONDS
+        if mode == "auto" and self.loopback and not self._keys_exist and fresh:
+            return ANONYMOUS
+        return None
 
     def authenticate(self, presented_key: str | None) -> Caller:
         if not self.enforced():
