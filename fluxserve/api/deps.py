@@ -58,11 +58,15 @@ def write_lane(request: Request) -> WriteLane:
     return lane
 
 
+def services_in(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
 async def services_of(request: Request) -> Services:
     # `async` on purpose: FastAPI runs a plain `def` dependency on a worker thread, a hop that costs
     # more CPU than the rest of a small request.
-    services: Services = request.app.state.services
-    return services
+    return services_in(request)
 
 
 ServicesDep = Annotated[Services, Depends(services_of)]
