@@ -95,6 +95,16 @@ async def current_caller(request: Request, services: ServicesDep) -> Caller:
 CallerDep = Annotated[Caller, Depends(current_caller)]
 
 
+def caller_on_thread(request: Request, services: Services) -> Callable[[], Caller]:
+    """`current_caller` for a route that hops to a thread anyway: the store lookup runs there, inside the
+    route's own hop, instead of costing a hop of its own."""
+    known = services.access.caller_known_without_store()
+    if known is not None:
+        return lambda: known
+    key = presented_key(request)
+    return lambda: services.access.authenticate(key)
+
+
 def base_url(request: Request, services: Services) -> str:
     return (services.settings.public_url or str(request.base_url)).rstrip("/")
 

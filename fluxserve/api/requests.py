@@ -12,7 +12,7 @@ from fluxserve.api.deps import (
     CallerDep,
     ServicesDep,
     base_url,
-    current_caller,
+    caller_on_thread,
     failed_response,
     presented_key,
     services_in,
@@ -30,10 +30,10 @@ router = APIRouter(tags=["requests"])
 async def request_status(request: Request, job_id: str) -> Any:
     annotate(job_id=job_id)
     services = services_in(request)
-    caller = await current_caller(request, services)
+    caller = caller_on_thread(request, services)
 
     def read() -> Any:
-        job = services.results.find(caller, job_id)
+        job = services.results.find(caller(), job_id)
         return failed_response(job) if job.state is JobState.FAILED else JSONResponse(services.results.status(job))
 
     return await anyio.to_thread.run_sync(read)
