@@ -35,7 +35,7 @@ from fluxserve.logs import log_context
 from fluxserve.metrics import Metrics
 from fluxserve.moderation import Moderation
 from fluxserve.outputs import OutputStore
-from fluxserve.progress import ProgressReporter
+from fluxserve.progress import PreviewSink, ProgressReporter
 from fluxserve.store_faults import is_transient
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,8 @@ class Worker:
         moderation = self.moderations.get(job.slug, self.moderation)
         moderation.check_prompt(params.prompt)
         started = time.perf_counter()
-        on_preview = progress.preview if self.previews else None
+        # Previews only while someone follows them (the sink asks the store, at most twice a second).
+        on_preview = PreviewSink(progress) if self.previews else None
         image = engine.generate(params, on_step=on_step, on_preview=on_preview)
         inference_time = time.perf_counter() - started
         moderation.check_image(image)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -16,16 +17,19 @@ from fluxserve.contract import GenerateRequest, JobState
 from fluxserve.engine import GenerationCancelled, GenerationParams, load_engine
 from fluxserve.engine.fake import SleepingEngine
 from fluxserve.engine.protocol import Engine
-from fluxserve.jobs import Job, new_job_id
+from fluxserve.jobs import Job, Lease, new_job_id
 from fluxserve.jobs.sqlite import SqliteJobStore
 from fluxserve.outputs.local import LocalOutputStore
+from fluxserve.progress import PREVIEW_RECHECK_SECONDS, PreviewSink, ProgressReporter
 from fluxserve.worker import Worker
 
 from conftest import SLUG
 
 
-def run_one_job(root: Path, engine: Engine, request: GenerateRequest) -> tuple[Job, bytes | None]:
+def run_one_job(root: Path, engine: Engine, request: GenerateRequest,
+                watched: bool = False) -> tuple[Job, bytes | None]:
     """Submit one job to a fresh SQLite store, let a worker on `engine` run it; the ended job and its media.
+    `watched`: someone follows its previews (as an SSE client with ?preview=true would mark it).
 
     The one place that builds a store, a job, an output store and a worker."""
     store = SqliteJobStore(root / "jobs.sqlite3")
@@ -33,6 +37,8 @@ def run_one_job(root: Path, engine: Engine, request: GenerateRequest) -> tuple[J
     try:
         worker = Worker(store, outputs, engine, lease_seconds=30)
         job = store.submit(Job(id=new_job_id(), slug=SLUG, params=request))
+        if watched:
+            store.watch_previews(job.id, 60)
         assert worker.run_once()
         ended = store.get(job.id)
         return ended, outputs.get(ended.result.output_key) if ended.result else None
@@ -79,6 +85,27 @@ def test_exact_size_with_progress_and_previews(engine):
     assert all(isinstance(event[1], Image.Image) for event in events if event[0] == "preview")
 
 
+class Unwatched:
+    """An `on_preview` nobody watches: the engine must not call it."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def watched(self) -> bool:
+        self.asked += 1
+        return False
+
+    def __call__(self, image) -> None:
+        raise AssertionError("a preview was made while nobody watched")
+
+
+def test_no_previews_while_unwatched(engine):
+    steps: list[int] = []
+    sink = Unwatched()
+    image = engine.generate(params(), on_step=lambda step, total: steps.append(step), on_preview=sink)
+    assert image.size == (136, 120) and steps == [1, 2, 3] and sink.asked >= 1
+
+
 def test_cancelling_from_on_step_stops_it(engine):
     calls = []
 
@@ -97,3 +124,40 @@ def test_a_job_runs_through_the_worker(engine, tmp_path):
     assert job.state is JobState.COMPLETED, job.error
     assert media is not None and Image.open(io.BytesIO(media)).size == (128, 128)
     assert engine.metrics().items() <= job.result.metrics.items()
+
+
+@pytest.mark.parametrize("watched", [False, True])
+def test_the_worker_stores_a_preview_only_while_watched(engine, tmp_path, watched):
+    request = GenerateRequest(positivePrompt="a cat", width=128, height=128, steps=2)
+    job, _ = run_one_job(tmp_path, engine, request, watched=watched)
+    assert job.state is JobState.COMPLETED and job.progress is not None
+    assert ("preview" in job.progress) is watched
+
+
+def test_the_reporter_asks_the_store_at_most_twice_a_second(tmp_path):
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    try:
+        store.submit(Job(id=new_job_id(), slug=SLUG, params=GenerateRequest(positivePrompt="a cat")))
+        job, lease = store.claim("w")
+        reporter = ProgressReporter(store, lease, job, total=4)
+        assert not reporter.previews_watched()  # the first call asks
+        store.watch_previews(job.id, 1.0)
+        assert not reporter.previews_watched()  # the answer is kept for PREVIEW_RECHECK_SECONDS
+        time.sleep(PREVIEW_RECHECK_SECONDS)
+        assert reporter.previews_watched()
+        PreviewSink(reporter)(Image.new("RGB", (8, 8)))
+        assert "preview" in reporter.snapshot(1)
+        time.sleep(1.0)  # the marker lapses: the watcher went away
+        assert not reporter.previews_watched()
+        assert "preview" not in reporter.snapshot(2)  # the last picture is not carried on
+    finally:
+        store.close()
+
+
+def test_a_store_error_means_unwatched():
+    class Broken:
+        def previews_watched(self, job_id: str) -> bool:
+            raise ConnectionError("store down")
+
+    job = Job(id=new_job_id(), slug=SLUG, params=GenerateRequest(positivePrompt="a cat"))
+    assert not ProgressReporter(Broken(), Lease(job.id, "t"), job, total=4).previews_watched()

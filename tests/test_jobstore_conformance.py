@@ -549,3 +549,49 @@ def test_wait_terminal_wakes_on_an_end_made_by_another_handle(make_store):
     threading.Timer(0.3, worker.fail, args=(lease, "boom")).start()
     ended = api.wait_terminal(job.id, timeout=10)
     assert ended.state is JobState.FAILED and ended.error == "boom"
+
+
+# -- preview watchers ------------------------------------------------------------------------------------
+
+
+def test_previews_are_watched_only_while_the_marker_lives(make_store):
+    api, worker = make_store(), make_store()  # the API marks the job, a worker elsewhere asks
+    job = submit(api)
+    assert not worker.previews_watched(job.id)  # nobody asked
+    api.watch_previews(job.id, 0.3)
+    assert worker.previews_watched(job.id)
+    time.sleep(0.5)
+    assert not worker.previews_watched(job.id)  # the watcher went away without a word: the marker lapsed
+
+
+def test_renewing_the_preview_marker_extends_it(store):
+    job = submit(store)
+    store.watch_previews(job.id, 0.6)
+    time.sleep(0.4)
+    store.watch_previews(job.id, 0.6)
+    time.sleep(0.4)  # past the first marker's end, inside the renewed one's
+    assert store.previews_watched(job.id)
+    time.sleep(0.4)
+    assert not store.previews_watched(job.id)
+
+
+def test_preview_markers_are_per_job_and_never_raise(store):
+    job, other = submit(store), submit(store)
+    store.watch_previews(job.id, 30)
+    store.watch_previews(job.id, 30)  # idempotent
+    assert store.previews_watched(job.id) and not store.previews_watched(other.id)
+    store.watch_previews(new_job_id(), 30)  # an unknown job: no error
+    store.previews_watched(new_job_id())
+    _, lease = store.claim("w")
+    store.complete(lease, result())
+    store.watch_previews(job.id, 30)  # an ended one: no error either
+
+
+def test_preview_markers_go_with_their_job(make_store):
+    store = make_store(retention_seconds=0.2)
+    job = submit(store)
+    store.watch_previews(job.id, 30)
+    store.cancel(job.id, "cancelled")
+    time.sleep(0.3)
+    assert [j.id for j in store.purge_expired()] == [job.id]
+    assert not store.previews_watched(job.id)

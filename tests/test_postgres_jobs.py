@@ -15,7 +15,7 @@ from fluxserve.contract import GenerateRequest, JobState
 from fluxserve.jobs import Job, JobResult, new_job_id
 from fluxserve.jobs.outbox import Delivery, new_delivery_id
 from fluxserve.jobs.policy import LeasePolicy
-from fluxserve.jobs.postgres import _RECHECK_SECONDS, PostgresJobStore, _Listener
+from fluxserve.jobs.postgres import _MIGRATIONS, _RECHECK_SECONDS, PostgresJobStore, _Listener
 
 from conftest import free_port
 
@@ -258,8 +258,9 @@ def test_migrations_are_applied_once_when_replicas_open_together(postgres_url):
     try:
         assert errors == [] and len(stores) == 4
         with psycopg.connect(postgres_url, autocommit=True) as conn:
-            rows = conn.execute("SELECT version FROM fluxserve_schema WHERE component = 'jobs'").fetchall()
-        assert rows == [(1,)]
+            rows = conn.execute(
+                "SELECT version FROM fluxserve_schema WHERE component = 'jobs' ORDER BY version").fetchall()
+        assert rows == [(version,) for version in range(1, len(_MIGRATIONS) + 1)]  # each step once
         job = stores[0].submit(new_job())
         assert stores[3].get(job.id) is not None
     finally:

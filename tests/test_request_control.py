@@ -21,8 +21,9 @@ from support.faults import FaultyEngine
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model):
-    """The app on the tiny model; the engine fails for prompts containing `__explode__`."""
-    engine = FaultyEngine(shared_engine(tiny_model), error_on="__explode__")
+    """The app on the tiny model; the engine fails for prompts containing `__explode__`, and takes at least
+    0.1 s a step for prompts containing `__slowsteps__`."""
+    engine = FaultyEngine(shared_engine(tiny_model), error_on="__explode__", slow_on="__slowsteps__")
     with running_app(tmp_path_factory.mktemp("request-control"), engine=engine, model=str(tiny_model)) as app:
         yield app
 
@@ -129,8 +130,9 @@ def test_deadline_cancels_automatically(http):
 
 def test_events_stream_monotonic_progress_to_100_then_the_result(http):
     submit(http, positivePrompt="a job ahead", width=512, height=512, steps=12)  # so we connect while QUEUED
-    # Long enough (~1 s even on a fast CPU) that the stream, which samples the store, sees several steps.
-    request_id = submit(http, positivePrompt="watch me", width=768, height=512, steps=40)
+    # Slowed (0.1 s a step): the stream, which samples the store, sees several steps, and the worker, which
+    # asks whether anybody watches the previews twice a second, sees this stream before the job ends.
+    request_id = submit(http, positivePrompt="watch me __slowsteps__", width=768, height=512, steps=16)
     events = read_events(http, f"/v2/requests/{request_id}/events", preview="true")
     names = [name for name, _ in events]
     assert names[-1] == "completed" and set(names[:-1]) == {"status"}
@@ -139,7 +141,7 @@ def test_events_stream_monotonic_progress_to_100_then_the_result(http):
     reports = [body["progress"] for name, body in events if name == "status" and "progress" in body]
     percents = [report["percent"] for report in reports]
     assert percents == sorted(percents) and percents[-1] == 100.0 and len(set(percents)) >= 2
-    assert all(report["total"] == 40 and 0 <= report["step"] <= 40 for report in reports)
+    assert all(report["total"] == 16 and 0 <= report["step"] <= 16 for report in reports)
     previews = [report["preview"] for report in reports if "preview" in report]
     assert previews and previews[-1].startswith("data:image/jpeg;base64,")
     preview = Image.open(io.BytesIO(base64.b64decode(previews[-1].split(",", 1)[1])))
@@ -147,6 +149,17 @@ def test_events_stream_monotonic_progress_to_100_then_the_result(http):
     # The status endpoint shows the same progress, without the preview unless the stream asks for it.
     plain = read_events(http, f"/v2/requests/{request_id}/events")
     assert plain[-1][0] == "completed" and all("preview" not in body.get("progress", {}) for _, body in plain)
+
+
+def test_previews_are_made_only_for_a_stream_that_asks_for_them(http, server):
+    unwatched = submit(http, positivePrompt="nobody watches my previews __slowsteps__", steps=12)
+    assert read_events(http, f"/v2/requests/{unwatched}/events")[-1][0] == "completed"
+    watched = submit(http, positivePrompt="watch my previews __slowsteps__", steps=12)
+    assert read_events(http, f"/v2/requests/{watched}/events", preview="true")[-1][0] == "completed"
+    # What the worker stored: no preview was made for the job followed without one.
+    assert server.services.jobs.get(unwatched).progress["step"] == 12
+    assert "preview" not in server.services.jobs.get(unwatched).progress
+    assert server.services.jobs.get(watched).progress["preview"].startswith("data:image/jpeg;base64,")
 
 
 def test_events_for_a_failed_request_end_with_failed(http):

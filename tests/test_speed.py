@@ -255,6 +255,33 @@ def test_previews_every_nth_step_and_the_last(plain):
     assert [step for step in range(8) if previews.wanted(step, 8)] == [2, 5, 7]
 
 
+class Sink:
+    """An `on_preview` with `watched()`: records what the engine asked and what it got."""
+
+    def __init__(self, watching: bool) -> None:
+        self.watching, self.asked, self.images = watching, 0, []
+
+    def watched(self) -> bool:
+        self.asked += 1
+        return self.watching
+
+    def __call__(self, image) -> None:
+        self.images.append(image.size)
+
+
+def test_previews_only_while_watched(plain):
+    params = GenerationParams("a stone bridge", 64, 64, steps=6, seed=1, guidance=3.5)
+    for watching, images in ((True, [(8, 8), (8, 8)]), (False, [])):
+        sink = Sink(watching)
+        plain.generate(params, on_preview=sink)
+        assert sink.images == images and sink.asked == 2  # asked on the preview steps only (4th, last)
+    # Unwatched, no latent is even copied: a copy of `None` would fail.
+    previews = LatentPreviews(Sink(False), 64, 64, 8, every=2)
+    for step in range(8):
+        previews.after_step(step, 8, None)
+    assert previews._pending == [] and previews.on_preview.asked == 4
+
+
 def test_no_preview_work_without_a_callback(plain, monkeypatch):
     class Refuse:
         def __init__(self, *args, **kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -20,10 +21,16 @@ from fluxserve.logs import annotate
 from fluxserve.services import Services
 from fluxserve.views import failed_body, status_body
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(tags=["requests"])
 
 EVENTS_POLL_SECONDS = 0.2
 KEEPALIVE_SECONDS = 15.0
+# A `?preview=true` stream marks its job watched for this long, renewed every PREVIEW_RENEW_SECONDS: the
+# worker makes previews only while the mark lives, so a stream that vanishes costs them at most this long.
+PREVIEW_WATCH_SECONDS = 15.0
+PREVIEW_RENEW_SECONDS = 5.0
 
 
 @router.post("/v2/requests/{job_id}/cancel")
@@ -61,7 +68,10 @@ async def _events(request: Request, services: Services, job_id: str, preview: bo
     base = base_url(request, services)
     last: dict[str, Any] | None = None
     last_sent = time.monotonic()
+    watch = _PreviewWatch(services, job_id) if preview else None
     while not await request.is_disconnected():
+        if watch is not None:
+            await watch.renew()  # before the first poll, then every few seconds until the job ends
         job = await anyio.to_thread.run_sync(services.jobs.get, job_id)
         if job is None:
             yield _event("error", {"error": f"Request {job_id} expired"})
@@ -80,6 +90,27 @@ async def _events(request: Request, services: Services, job_id: str, preview: bo
             yield ": keep-alive\n\n"
             last_sent = time.monotonic()
         await anyio.sleep(EVENTS_POLL_SECONDS)
+
+
+class _PreviewWatch:
+    """Keeps the job's preview marker live (`JobStore.watch_previews`) while a stream follows it."""
+
+    def __init__(self, services: Services, job_id: str) -> None:
+        self.services, self.job_id = services, job_id
+        self._renewed: float | None = None
+        self._warned = False
+
+    async def renew(self) -> None:
+        if self._renewed is not None and time.monotonic() - self._renewed < PREVIEW_RENEW_SECONDS:
+            return
+        self._renewed = time.monotonic()
+        try:
+            await anyio.to_thread.run_sync(self.services.jobs.watch_previews, self.job_id, PREVIEW_WATCH_SECONDS)
+        except Exception as exc:  # previews are best-effort: the stream goes on without them
+            if not self._warned:
+                self._warned = True
+                log.warning("could not mark the previews of job %s watched (%s: %s); streaming without them",
+                            self.job_id, type(exc).__name__, exc)
 
 
 def _last_progress(job: Job, preview: bool) -> dict[str, Any] | None:

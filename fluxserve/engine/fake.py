@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 from fluxserve.engine.preview import PREVIEW_MAX_SIDE
-from fluxserve.engine.protocol import GenerationParams, PreviewCallback, ProgressCallback
+from fluxserve.engine.protocol import GenerationParams, PreviewCallback, ProgressCallback, preview_watched
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,10 @@ class SleepingEngine:
         on_preview: PreviewCallback | None = None,
     ) -> Image.Image:
         """Sleep `seconds` in all, spread over the steps; a flat grey image of exactly width×height."""
-        preview = Image.new("RGB", preview_size(params.width, params.height), GREY)
         for step in range(params.steps):
             time.sleep(self.seconds / params.steps)
-            if on_preview is not None:
-                on_preview(preview)
+            if on_preview is not None and preview_watched(on_preview):  # as the real engine: none unwatched
+                on_preview(Image.new("RGB", preview_size(params.width, params.height), GREY))
             if on_step is not None:
                 on_step(step + 1, params.steps)
         return Image.new("RGB", (params.width, params.height), GREY)

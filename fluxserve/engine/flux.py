@@ -62,7 +62,8 @@ class FluxEngine:
 
         `on_step(step, total)` runs after each denoising step; raising GenerationCancelled from it stops
         the run. `on_preview(image)`, when given, gets a low-resolution preview of every Nth step and the
-        last (SPEED_PREVIEW_EVERY), just before a progress call (on a GPU, of a step or two before).
+        last (SPEED_PREVIEW_EVERY) while it is watched (`PreviewCallback`), just before a progress call (on
+        a GPU, of a step or two before).
         """
         import numpy as np
         import torch

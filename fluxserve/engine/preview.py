@@ -4,11 +4,14 @@ The factors are the least-squares latent→RGB fit for FLUX's VAE that image UIs
 previews (as published in ComfyUI's latent formats). Other channel counts (a toy model, say) fall back
 to the first three channels, normalised: still a moving picture of the run, just not a faithful one.
 
-`LatentPreviews` decides when: every Nth step and the last, and on a GPU without making the denoising
-loop wait for the copy to host memory.
+`LatentPreviews` decides when: every Nth step and the last, while the callback is watched (see
+`engine.protocol.PreviewCallback`), and on a GPU without making the denoising loop wait for the copy to
+host memory.
 """
 
 from __future__ import annotations
+
+from fluxserve.engine.protocol import preview_watched
 
 FLUX_LATENT_RGB = (
     (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433),
@@ -68,7 +71,8 @@ class LatentPreviews:
         return (step + 1) % self.every == 0 or step + 1 >= total
 
     def after_step(self, step: int, total: int, latents) -> None:
-        if self.wanted(step, total):
+        # Asked only on the steps that get a preview: nothing is copied while nobody watches.
+        if self.wanted(step, total) and preview_watched(self.on_preview):
             self._pending.append(self._copy(latents))
         self._deliver(wait=step + 1 >= total)
 

@@ -16,8 +16,16 @@ from PIL.Image import Image
 # After each denoising step: (steps done, steps in all). Raising GenerationCancelled stops the run.
 ProgressCallback = Callable[[int, int], None]
 # A small, cheaply decoded picture of the current latent, just before some progress calls (every Nth
-# step and the last; the engine's settings choose N).
+# step and the last; the engine's settings choose N). It may also have a `watched() -> bool` method: on a
+# step that would get a preview the engine asks it first, and when it answers False makes none (no copy
+# of the latent, no picture), since nobody would see it. A plain callable is always watched.
 PreviewCallback = Callable[[Image], None]
+
+
+def preview_watched(on_preview: PreviewCallback) -> bool:
+    """Whether to make a preview now for `on_preview` (see PreviewCallback)."""
+    watched = getattr(on_preview, "watched", None)
+    return watched is None or bool(watched())
 
 
 class GenerationCancelled(Exception):

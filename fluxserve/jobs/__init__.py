@@ -207,6 +207,17 @@ class JobStore(Protocol):
         lease is stale or the job was cancelled: the worker should stop."""
         ...
 
+    def watch_previews(self, job_id: str, seconds: float) -> None:
+        """Someone is watching this job's previews for the next `seconds` (a client following it with
+        `?preview=true`): a marker that a repeated call renews, which lapses on its own. No error for an
+        unknown or ended job (the marker goes when it lapses, or with its job's purge). Workers make latent
+        previews only while it is live (`previews_watched`)."""
+        ...
+
+    def previews_watched(self, job_id: str) -> bool:
+        """Whether a `watch_previews` marker for the job is live now."""
+        ...
+
     def cancel(self, job_id: str, error: str) -> Job | None:
         """QUEUED or PROCESSING → FAILED with `error` (and the lease revoked, so the worker's next
         `report_progress` answers False); a terminal job is left as it is. Returns the job's record after
@@ -224,8 +235,8 @@ class JobStore(Protocol):
 
     def purge_expired(self, job_ids: Sequence[str] | None = None) -> list[Job]:
         """Delete the jobs past their retention window (only those of `job_ids`, when given) with their
-        deliveries and idempotency keys, and return those this call deleted (a re-run finds them gone;
-        their media are the caller's to delete, see `expired`)."""
+        deliveries, idempotency keys and preview markers, and return those this call deleted (a re-run
+        finds them gone; their media are the caller's to delete, see `expired`)."""
         ...
 
     def count_by_state(self) -> dict[str, int]:

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import psycopg
@@ -101,6 +102,13 @@ _MIGRATIONS = [
     CREATE INDEX deliveries_due ON deliveries (next_attempt_at, seq) WHERE state = 'pending';
     CREATE INDEX deliveries_job ON deliveries (job_id);
     CREATE INDEX deliveries_lease_token ON deliveries (lease_token) WHERE lease_token IS NOT NULL;
+    """,
+    """
+    -- Who follows a job's previews, until when (see JobStore.watch_previews); purged with the job.
+    CREATE TABLE preview_watchers (
+        job_id text PRIMARY KEY,
+        until  timestamptz NOT NULL
+    );
     """,
 ]
 
@@ -408,6 +416,19 @@ class PostgresJobStore:
             (Jsonb(progress), lease.job_id, lease.token),
         ) == 1
 
+    def watch_previews(self, job_id: str, seconds: float) -> None:
+        self._rowcount(
+            """INSERT INTO preview_watchers (job_id, until) VALUES (%(id)s, clock_timestamp() + %(ttl)s)
+               ON CONFLICT (job_id) DO UPDATE SET until = excluded.until""",
+            {"id": job_id, "ttl": timedelta(seconds=seconds)},
+        )
+
+    def previews_watched(self, job_id: str) -> bool:
+        row = self._fetch_one(
+            "SELECT 1 FROM preview_watchers WHERE job_id = %s AND until > clock_timestamp()", (job_id,)
+        )
+        return row is not None
+
     def cancel(self, job_id: str, error: str) -> Job | None:
         self._rowcount(_CANCEL, self._policy_params() | {"id": job_id, "error": error})
         return self.get(job_id)
@@ -429,10 +450,14 @@ class PostgresJobStore:
         return [job_from_record(row) for row in rows]
 
     def purge_expired(self, job_ids: Sequence[str] | None = None) -> list[Job]:
-        # One statement: the jobs go, and their deliveries with them (ON DELETE CASCADE).
+        # One statement: the jobs go, their deliveries with them (ON DELETE CASCADE), and their preview markers.
         only = "" if job_ids is None else "AND id = ANY(%s)"
-        rows = self._fetch_all(f"{_NOW} DELETE FROM jobs USING t WHERE expires_at <= t.now {only} RETURNING jobs.*",
-                               None if job_ids is None else (list(job_ids),))
+        rows = self._fetch_all(
+            f"""{_NOW},
+            purged AS (DELETE FROM jobs USING t WHERE expires_at <= t.now {only} RETURNING jobs.*),
+            watchers AS (DELETE FROM preview_watchers WHERE job_id IN (SELECT id FROM purged))
+            SELECT * FROM purged""",
+            None if job_ids is None else (list(job_ids),))
         return [job_from_record(row) for row in rows]
 
     def count_by_state(self) -> dict[str, int]:

@@ -195,6 +195,17 @@ class RedisJobStore:
     def report_progress(self, lease: Lease, progress: dict[str, Any]) -> bool:
         return self._run("REPORT_PROGRESS", lease.job_id, json.dumps(lease.token), json.dumps(progress)) == 1
 
+    def watch_previews(self, job_id: str, seconds: float) -> None:
+        # A key that lapses on its own (server clock): a watcher that goes away leaves nothing behind.
+        self.client.set(self._watchers_key(job_id), 1, px=max(1, round(seconds * 1000)))
+
+    def previews_watched(self, job_id: str) -> bool:
+        return bool(self.client.exists(self._watchers_key(job_id)))
+
+    def _watchers_key(self, job_id: str) -> str:
+        """P:preview-watch:<id>: a string, live while someone follows the job's previews."""
+        return f"{self.prefix}:preview-watch:{job_id}"
+
     def cancel(self, job_id: str, error: str) -> Job | None:
         record = self._run("CANCEL", job_id, json.dumps(error), self.policy.retention_seconds)
         return _decode_job(record) if record else None
@@ -218,16 +229,24 @@ class RedisJobStore:
         return [_decode_job(record) for record in self._run("EXPIRED", limit)]
 
     def purge_expired(self, job_ids: Sequence[str] | None = None) -> list[Job]:
+        purged: list[Job] = []
         if job_ids is not None:
             ids = list(job_ids)
-            return [_decode_job(record) for start in range(0, len(ids), _PURGE_BATCH)
-                    for record in self._run("PURGE_EXPIRED", _PURGE_BATCH, *ids[start:start + _PURGE_BATCH])]
-        purged: list[Job] = []
-        while True:
-            batch = self._run("PURGE_EXPIRED", _PURGE_BATCH)
-            purged += [_decode_job(record) for record in batch]
-            if len(batch) < _PURGE_BATCH:
-                return purged
+            purged = [_decode_job(record) for start in range(0, len(ids), _PURGE_BATCH)
+                      for record in self._run("PURGE_EXPIRED", _PURGE_BATCH, *ids[start:start + _PURGE_BATCH])]
+        else:
+            while True:
+                batch = self._run("PURGE_EXPIRED", _PURGE_BATCH)
+                purged += [_decode_job(record) for record in batch]
+                if len(batch) < _PURGE_BATCH:
+                    break
+        # A purged job's preview markers go now; one that cannot be deleted lapses on its own soon.
+        try:
+            for start in range(0, len(purged), _PURGE_BATCH):
+                self.client.delete(*(self._watchers_key(job.id) for job in purged[start:start + _PURGE_BATCH]))
+        except redis.RedisError as exc:
+            log.debug("preview markers of purged jobs left to lapse (%s: %s)", type(exc).__name__, exc)
+        return purged
 
     def count_by_state(self) -> dict[str, int]:
         flat = self._run("COUNT_BY_STATE")

@@ -54,6 +54,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (state, slug, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
+-- Who follows a job's previews, until when (epoch seconds): see JobStore.watch_previews.
+CREATE TABLE IF NOT EXISTS preview_watchers (
+    job_id TEXT PRIMARY KEY,
+    until  REAL NOT NULL
+);
 """
 
 # Progress, idempotency keys and the webhook outbox. Columns are added to a jobs table made by an
@@ -280,6 +285,22 @@ class SqliteJobStore:
             )
         return cur.rowcount == 1
 
+    def watch_previews(self, job_id: str, seconds: float) -> None:
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("DELETE FROM preview_watchers WHERE until < ?", (now,))  # lapsed markers: nobody reads them
+            db.execute(
+                """INSERT INTO preview_watchers (job_id, until) VALUES (?, ?)
+                   ON CONFLICT (job_id) DO UPDATE SET until = excluded.until""",
+                (job_id, now + seconds),
+            )
+
+    def previews_watched(self, job_id: str) -> bool:
+        row = self._db().execute(
+            "SELECT 1 FROM preview_watchers WHERE job_id = ? AND until > ?", (job_id, time.time())
+        ).fetchone()
+        return row is not None
+
     def cancel(self, job_id: str, error: str) -> Job | None:
         now = time.time()
         with self._transaction() as db:
@@ -327,8 +348,9 @@ class SqliteJobStore:
                 only = "" if chunk is None else f"AND id IN ({', '.join('?' for _ in chunk)})"
                 args = (now, *(chunk or ()))
                 rows += db.execute(f"SELECT * FROM jobs WHERE expires_at <= ? {only}", args).fetchall()
-                db.execute(f"DELETE FROM deliveries WHERE job_id IN (SELECT id FROM jobs WHERE expires_at <= ? {only})",
-                           args)
+                for table in ("deliveries", "preview_watchers"):  # what goes with the job
+                    db.execute(f"DELETE FROM {table} WHERE job_id IN "
+                               f"(SELECT id FROM jobs WHERE expires_at <= ? {only})", args)
                 db.execute(f"DELETE FROM jobs WHERE expires_at <= ? {only}", args)
         return [_job_from_row(row) for row in rows]
 
