@@ -25,7 +25,7 @@ from fluxserve.api import (
     requests,
     security,
 )
-from fluxserve.api.deps import ServicesDep, WriteLane
+from fluxserve.api.deps import ServicesDep, ThreadLane, thread_lanes
 from fluxserve.api.errors import ApiError, install_error_handlers
 from fluxserve.app.errors import NotFound
 from fluxserve.config import Settings
@@ -35,17 +35,20 @@ from fluxserve.services import DEMO_WARNING, Services
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or Settings()
     services = services or Services(settings)
+    lanes = thread_lanes()
     app = FastAPI(
         title="fluxserve",
         version=__version__,
         description="Segmind-compatible text-to-image API for FLUX models, self-hosted.",
-        lifespan=services_lifespan(services),
+        lifespan=services_lifespan(services, lanes),
         docs_url=None,  # served by api/openapi.py, without a CDN
         redoc_url=None,  # no offline ReDoc asset: /docs only
     )
     app.state.services = services
-    # Store writes on threads of their own, so a slow store never starves reads and /ready (api/deps.py).
-    app.state.writes = WriteLane()
+    # Store writes and status reads on threads of their own, so a slow store never starves reads and
+    # /ready (api/deps.py).
+    for name, lane in lanes.items():
+        setattr(app.state, name, lane)
     app.state.readiness = observability.ReadinessProbe(services)
     install_error_handlers(app)
     app.get("/health", tags=["service"])(health)
@@ -77,8 +80,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     return app
 
 
-def services_lifespan(services: Services) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    """Start the process's services with the app; stop them (draining its workers) when it shuts down."""
+def services_lifespan(
+    services: Services, lanes: dict[str, ThreadLane]
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Start the process's services with the app; stop them (draining its workers) and its thread lanes
+    when it shuts down."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -87,6 +93,8 @@ def services_lifespan(services: Services) -> Callable[[FastAPI], AbstractAsyncCo
             yield
         finally:
             await anyio.to_thread.run_sync(services.stop)
+            for lane in lanes.values():
+                lane.close()
 
     return lifespan
 

@@ -15,6 +15,7 @@ from fluxserve.api.deps import (
     caller_on_thread,
     failed_response,
     presented_key,
+    read_lane,
     services_in,
 )
 from fluxserve.contract import JobState
@@ -36,7 +37,7 @@ async def request_status(request: Request, job_id: str) -> Any:
         job = services.results.find(caller(), job_id)
         return failed_response(job) if job.state is JobState.FAILED else JSONResponse(services.results.status(job))
 
-    return await anyio.to_thread.run_sync(read)
+    return await read_lane(request).run(read)
 
 
 @router.get("/v2/requests/{job_id}", response_class=JSONResponse)
