@@ -9,7 +9,8 @@ replica and polls its status on the other until it ends. How fast they submit de
 jobs end, so this measures throughput, not the latency a client sees under a given load.
 
 Open loop (`--rate R`): submits arrive at R per second on a fixed schedule (Poisson arrivals, the same
-seeded schedule for every backend), alternating between the replicas, for `--seconds`. Each is sent on
+seeded schedule for every backend), alternating between the replicas, for `--seconds`, by a lean HTTP/1.1
+client (keep-alive; httpx would spend more CPU sending than the API spends answering). Each is sent on
 time whatever the earlier ones are doing, and its latency runs from its scheduled time, so a stall in
 the API shows up in the percentiles instead of quietly slowing the senders (no coordinated omission).
 Nobody polls during the window; the workers may fall behind, and the backlog they leave (QUEUED +
@@ -18,7 +19,8 @@ PROCESSING jobs when the window closes) and the time to work it off are reported
 Both modes then wait (at most `--drain-timeout` seconds) for every accepted job to end and count the
 ones that did not complete ("lost"; the exit status is 1 unless it is 0). "API CPU ms/submit" is the
 user + system CPU time the two API processes spent during the window (from /proc/<pid>/stat) divided
-by the accepted submits; in the closed loop it includes the clients' status polls.
+by the accepted submits; in the closed loop it includes the clients' status polls ("polls"), so there
+"API CPU ms/request" divides it by submits + polls.
 
 By default the workers run a FAKE engine that sleeps (`--engine fake-sleep:0.05`) and returns a flat
 image: the figures measure the queue, the API and the stores, not a model. `--engine tiny` runs the
@@ -38,7 +40,6 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,74 +57,31 @@ BODY = {"positivePrompt": "load", "width": 128, "height": 128, "steps": 2}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-@dataclass
-class Tally:
-    submit_latency: list[float] = field(default_factory=list)
-    status_latency: list[float] = field(default_factory=list)
-    accepted: list[str] = field(default_factory=list)
-    refused: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def client_loop(urls: list[str], n: int, until: float, tally: Tally) -> None:
-    submit_url, poll_url = urls[n % 2], urls[(n + 1) % 2]
-    with httpx.Client(timeout=30) as http:
-        while time.monotonic() < until:
-            started = time.perf_counter()
-            response = http.post(f"{submit_url}/v2/{SLUG}", json={**BODY, "seed": n})
-            elapsed = time.perf_counter() - started
-            if response.status_code != 200:
-                with tally.lock:
-                    tally.refused += 1
-                continue
-            job_id = response.json()["request_id"]
-            with tally.lock:
-                tally.submit_latency.append(elapsed)
-                tally.accepted.append(job_id)
-            while time.monotonic() < until + 60:
-                started = time.perf_counter()
-                status = http.get(f"{poll_url}/v2/requests/{job_id}/status").json().get("status")
-                with tally.lock:
-                    tally.status_latency.append(time.perf_counter() - started)
-                if status in ("COMPLETED", "FAILED"):
-                    break
-                time.sleep(0.02)
-
-
-def closed_loop(urls: list[str], args: argparse.Namespace) -> tuple[dict, list[str]]:
-    tally = Tally()
-    until = time.monotonic() + args.seconds
-    threads = [threading.Thread(target=client_loop, args=(urls, n, until, tally)) for n in range(args.clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    row = {
-        "submits": len(tally.accepted),
-        "submits/s": len(tally.accepted) / args.seconds,
-        "submit p50 ms": percentile(tally.submit_latency, 50),
-        "submit p99 ms": percentile(tally.submit_latency, 99),
-        "status p50 ms": percentile(tally.status_latency, 50),
-        "status p99 ms": percentile(tally.status_latency, 99),
-        "refused": tally.refused,
-    }
-    return row, tally.accepted
-
-
 class RawHttp:
-    """A minimal HTTP/1.1 client on asyncio streams, keep-alive, for the open loop: httpx costs the sender
+    """A minimal HTTP/1.1 client on asyncio streams, keep-alive, for both loops: httpx costs the sender
     about 3 ms of CPU a request, which on a small box takes CPU from the servers it measures. It speaks
-    only what the bench needs (JSON POST, Content-Length answers)."""
+    only what the bench needs (JSON bodies, Content-Length answers)."""
 
     def __init__(self, url: str) -> None:
         self.host, _, port = url.removeprefix("http://").partition(":")
         self.port = int(port)
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        reader, writer = self._idle.pop() if self._idle else await asyncio.open_connection(self.host, self.port)
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n")
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        """(status, body) of one request, on an idle keep-alive connection when there is one."""
+        if self._idle:
+            reader, writer = self._idle.pop()
+            try:
+                return await self._exchange(reader, writer, method, path, body)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass  # the server closed this idle connection (uvicorn does after 5 s): send on a new one
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        return await self._exchange(reader, writer, method, path, body)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str, path: str,
+                        body: bytes) -> tuple[int, bytes]:
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
         writer.write(head.encode() + body)
         try:
             status_line = await reader.readuntil(b"\r\n")
@@ -145,6 +103,61 @@ class RawHttp:
             writer.close()
 
 
+@dataclass
+class Tally:
+    submit_latency: list[float] = field(default_factory=list)
+    status_latency: list[float] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
+    refused: int = 0
+
+
+async def client_loop(clients: list[RawHttp], n: int, until: float, tally: Tally) -> None:
+    """One closed-loop client: submit to one replica, poll the other until the job ends, again."""
+    submitter, poller = clients[n % 2], clients[(n + 1) % 2]
+    while time.monotonic() < until:
+        started = time.perf_counter()
+        status, answer = await submitter.request("POST", f"/v2/{SLUG}", json.dumps({**BODY, "seed": n}).encode())
+        elapsed = time.perf_counter() - started
+        if status != 200:
+            tally.refused += 1
+            continue
+        job_id = json.loads(answer)["request_id"]
+        tally.submit_latency.append(elapsed)
+        tally.accepted.append(job_id)
+        while time.monotonic() < until + 60:
+            started = time.perf_counter()
+            _, answer = await poller.request("GET", f"/v2/requests/{job_id}/status")
+            tally.status_latency.append(time.perf_counter() - started)
+            if json.loads(answer).get("status") in ("COMPLETED", "FAILED"):
+                break
+            await asyncio.sleep(0.02)
+
+
+async def run_clients(urls: list[str], args: argparse.Namespace) -> Tally:
+    tally = Tally()
+    clients = [RawHttp(url) for url in urls]
+    until = time.monotonic() + args.seconds
+    await asyncio.gather(*(client_loop(clients, n, until, tally) for n in range(args.clients)))
+    for client in clients:
+        client.close()
+    return tally
+
+
+def closed_loop(urls: list[str], args: argparse.Namespace) -> tuple[dict, list[str]]:
+    tally = asyncio.run(run_clients(urls, args))
+    row = {
+        "submits": len(tally.accepted),
+        "submits/s": len(tally.accepted) / args.seconds,
+        "submit p50 ms": percentile(tally.submit_latency, 50),
+        "submit p99 ms": percentile(tally.submit_latency, 99),
+        "status p50 ms": percentile(tally.status_latency, 50),
+        "status p99 ms": percentile(tally.status_latency, 99),
+        "polls": len(tally.status_latency),
+        "refused": tally.refused,
+    }
+    return row, tally.accepted
+
+
 async def send_on_schedule(urls: list[str], rate: float, seconds: float) -> tuple[dict, list[str]]:
     """Poisson arrivals at `rate` per second for `seconds`; each submit is its own task, so a slow answer
     never holds back the next send."""
@@ -157,7 +170,8 @@ async def send_on_schedule(urls: list[str], rate: float, seconds: float) -> tupl
     async def submit(n: int, scheduled: float) -> None:
         nonlocal errors
         try:
-            status, answer = await clients[n % 2].post(f"/v2/{SLUG}", json.dumps({**BODY, "seed": n}).encode())
+            status, answer = await clients[n % 2].request("POST", f"/v2/{SLUG}",
+                                                          json.dumps({**BODY, "seed": n}).encode())
         except (OSError, asyncio.IncompleteReadError):
             errors += 1
             return
@@ -285,6 +299,8 @@ def run_backend(backend: str, args: argparse.Namespace, root: Path, model: str) 
         "completed": completed,
         "lost": len(accepted) - completed,
         "API CPU ms/submit": api_cpu * 1000 / len(accepted) if accepted else float("nan"),
+        # The closed loop's CPU also answers its polls: per HTTP request, submits and polls alike.
+        **({"API CPU ms/request": api_cpu * 1000 / (len(accepted) + row["polls"])} if "polls" in row else {}),
     }
 
 
