@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
 
 import anyio
 from fastapi import APIRouter, Request
@@ -18,7 +17,6 @@ from fluxserve.api.deps import (
     services_in,
     write_lane,
 )
-from fluxserve.app.access import Caller
 from fluxserve.app.submit import SubmitHeaders, submit_body_schema
 from fluxserve.contract import MEDIA_TYPES, JobState
 from fluxserve.jobs import Job
@@ -50,8 +48,9 @@ _BODY_DOC = {
 }
 
 
-async def submit(request: Request, services: Services, caller: Callable[[], Caller], slug: str | None = None) -> Job:
+async def submit(request: Request, services: Services, slug: str) -> Job:
     """The submit use case in one thread hop, the caller's authentication included."""
+    caller = caller_on_thread(request, services)
     body = await read_body(request, services.settings.api.max_body_bytes)
     headers = SubmitHeaders(request.headers.get("idempotency-key"), request.headers.get("cancel-after"))
     base = base_url(request, services)
@@ -69,7 +68,7 @@ def router(slug: str) -> APIRouter:
     async def generate_sync(request: Request) -> Response:
         """Generate and wait: the image bytes (or JSON with base64 when `base64` is true)."""
         services = services_in(request)  # as generate_async, without FastAPI's dependency solving
-        job = await submit(request, services, caller_on_thread(request, services), slug)
+        job = await submit(request, services, slug)
         base = base_url(request, services)
         done, data = await anyio.to_thread.run_sync(
             services.results.wait, job, services.settings.api.sync_timeout_seconds,
@@ -89,7 +88,7 @@ def router(slug: str) -> APIRouter:
         # The hottest route resolves its services and caller itself: FastAPI's dependency solving
         # costs about a fifth of a submit's CPU, a thread hop for the caller as much again.
         services = services_in(request)
-        job = await submit(request, services, caller_on_thread(request, services), slug)
+        job = await submit(request, services, slug)
         # An Idempotency-Key replay answers with the first job, in whatever state it is now.
         # A response, not a dict: FastAPI's generic encoding of a returned dict costs more than the submit.
         return JSONResponse({"request_id": job.id, "status": job.state.value,

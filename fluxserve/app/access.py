@@ -72,21 +72,28 @@ class Access:
 
     def enforced(self) -> bool:
         """Whether callers must present a valid key now."""
+        known = self._enforced_without_store()
+        if known is not None:
+            return known
+        self._keys_exist, self._keys_checked_at = self.store.has_keys(), time.monotonic()
+        return self._keys_exist
+
+    def _enforced_without_store(self) -> bool | None:
+        """`enforced()` when no store call is needed; None when the store must be asked. Keys are never
+        deleted (only revoked), so once seen they stay on without asking again; until then the store is
+        asked at most once a second (a new key turns keys on within it)."""
         mode = self.config.auth
         if mode != "auto":
             return mode == "required"
-        if not self.loopback:
+        if not self.loopback or self._keys_exist:
             return True
-        # Keys are never deleted (only revoked), so once seen this stays true without asking again;
-        # until then the store is asked at most once a second (a new key turns keys on within it).
-        now = time.monotonic()
-        if not self._keys_exist and now - self._keys_checked_at >= KEYS_RECHECK_SECONDS:
-            self._keys_exist, self._keys_checked_at = self.store.has_keys(), now
-        return self._keys_exist
+        if time.monotonic() - self._keys_checked_at < KEYS_RECHECK_SECONDS:
+            return False
+        return None
 
     def refusal(self) -> str | None:
         """Why this server must not start, or None."""
-        if self.config.auth == "off" or is_loopback(self.host) or self.store.has_keys():
+        if self.config.auth == "off" or self.loopback or self.store.has_keys():
             return None
         return (
             f"Refusing to start: binding {self.host} makes this server reachable from the network, and no API "
@@ -115,13 +122,7 @@ class Access:
     def caller_known_without_store(self) -> Caller | None:
         """The caller when no store call can change the answer (open mode, its key check fresh): so the
         API need not hop to a thread to ask. None: ask `authenticate`."""
-        mode = self.config.auth
-        if mode == "off":
-            return ANONYMOUS
-        fresh = time.monotonic() - self._keys_checked_at < KEYS_RECHECK_SECONDS
-        if mode == "auto" and self.loopback and not self._keys_exist and fresh:
-            return ANONYMOUS
-        return None
+        return ANONYMOUS if self._enforced_without_store() is False else None
 
     def authenticate(self, presented_key: str | None) -> Caller:
         if not self.enforced():
