@@ -158,3 +158,11 @@ class AccountStore(Protocol):
         later call anywhere returns the same value."""
 
     def close(self) -> None: ...
+
+
+def existing_account(store: AccountStore, account_id: str) -> Account:
+    """The account a store call just wrote or named; KeyError when there is none."""
+    account = store.get_account(account_id)
+    if account is None:
+        raise KeyError(f"no account {account_id}")
+    return account

@@ -38,6 +38,7 @@ from fluxserve.accounts import (
     NotEnoughCredits,
     Reservation,
     TooManyInFlight,
+    existing_account,
     new_shared_secret,
 )
 from fluxserve.accounts.ratelimit import gcra
@@ -173,13 +174,7 @@ class PostgresAccountStore:
                     raise ValueError(f"an account named {name!r} already exists") from None
 
         self._calls.call(run)
-        return self._account(account_id)
-
-    def _account(self, account_id: str) -> Account:
-        account = self.get_account(account_id)
-        if account is None:
-            raise KeyError(f"no account {account_id}")
-        return account
+        return existing_account(self, account_id)
 
     def get_account(self, account_id: str) -> Account | None:
         row = self._one(f"SELECT {_ACCOUNT} FROM accounts WHERE id = %s", (account_id,))
@@ -209,7 +204,7 @@ class PostgresAccountStore:
                     raise
 
         self._calls.call(run)
-        return self._account(account_id)
+        return existing_account(self, account_id)
 
     def add_key(self, key_id: str, account_id: str, digest: str) -> ApiKey:
         def run(_retried: bool) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from fluxserve.accounts import (
     NotEnoughCredits,
     Reservation,
     TooManyInFlight,
+    existing_account,
     new_shared_secret,
 )
 from fluxserve.accounts import redis_scripts as scripts
@@ -76,13 +77,7 @@ class RedisAccountStore:
                            int(max_in_flight), "" if models is None else json.dumps(list(models)), new_secret())
         if answer == "taken":
             raise ValueError(f"an account named {name!r} already exists")
-        return self._account(account_id)
-
-    def _account(self, account_id: str) -> Account:
-        account = self.get_account(account_id)
-        if account is None:
-            raise KeyError(f"no account {account_id}")
-        return account
+        return existing_account(self, account_id)
 
     def get_account(self, account_id: str) -> Account | None:
         record = self._hash("account", account_id)
@@ -107,7 +102,7 @@ class RedisAccountStore:
             raise ValueError("a top-up adds a positive amount of credits")
         if self._run("TOP_UP", account_id, int(credits), note or "top-up", uuid.uuid4().hex) == "no_account":
             raise KeyError(f"no account {account_id}")
-        return self._account(account_id)
+        return existing_account(self, account_id)
 
     def add_key(self, key_id: str, account_id: str, digest: str) -> ApiKey:
         answer = self._run("ADD_KEY", key_id, account_id, digest)
@@ -139,7 +134,7 @@ class RedisAccountStore:
     def _set_field(self, account_id: str, name: str, value: str) -> Account:
         if self._run("SET_ACCOUNT_FIELD", account_id, name, value) != 1:
             raise KeyError(f"no account {account_id}")
-        return self._account(account_id)
+        return existing_account(self, account_id)
 
     # -- money ---------------------------------------------------------------------------------
 
