@@ -20,6 +20,7 @@ from fluxserve.accounts.money import to_micros
 from fluxserve.webhooks.signing import secret_bytes
 
 from support.accounts import ACCOUNT_BACKENDS, assert_ledger_consistent, open_account_store, race_for_secrets
+from support.stores import drop_prefix
 
 CREDIT = to_micros(1)
 
@@ -51,8 +52,7 @@ def backend(request, tmp_path) -> Iterator[Backend]:
     if name == "redis":
         client = backend.opened[0].client if backend.opened else None  # type: ignore[attr-defined]
         if client is not None:
-            for key in client.scan_iter(f"{backend.prefix}:*", count=500):
-                client.delete(key)
+            drop_prefix(client, backend.prefix)
     for store in backend.opened:
         store.close()
 

@@ -28,6 +28,7 @@ from fluxserve.jobs.sqlite import SqliteJobStore
 from fluxserve.webhooks.signing import new_secret, secret_bytes
 
 from support.accounts import assert_ledger_consistent, create_key, open_account_store
+from support.stores import drop_prefix
 
 CREDIT = to_micros(1)
 
@@ -177,8 +178,7 @@ def test_hosts_sharing_a_store_share_the_secrets(request, tmp_path, backend):
         assert not list(tmp_path.glob("host-*/*-secret"))  # nothing kept per host
     finally:
         if backend == "redis":
-            for redis_key in stores[0].client.scan_iter(f"{prefix}:*"):  # type: ignore[attr-defined]
-                stores[0].client.delete(redis_key)  # type: ignore[attr-defined]
+            drop_prefix(stores[0].client, prefix)  # type: ignore[attr-defined]
         for store in stores:
             store.close()
 

@@ -27,6 +27,7 @@ from fluxserve.stores import open_jobs
 
 from conftest import SLUG
 from support.processes import FluxserveProcess, api_replica, worker
+from support.stores import drop_prefix
 
 KILLS = 10
 JOBS = 10
@@ -58,8 +59,7 @@ def drill(request, tmp_path):
     yield env, store
     if request.param == "redis":
         client = store.client  # type: ignore[attr-defined]
-        for key in client.scan_iter(f"{config.redis_prefix}:*", count=500):
-            client.delete(key)
+        drop_prefix(client, config.redis_prefix)
     store.close()
 
 

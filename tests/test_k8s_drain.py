@@ -28,6 +28,7 @@ from fluxserve.stores import open_jobs
 from conftest import SLUG
 from support.app import wait_for
 from support.processes import FluxserveProcess, worker
+from support.stores import drop_prefix
 
 JOB_SECONDS = 4.0  # the fake engine's sleep per job
 SIGTERM_AFTER = 1.0  # into the job
@@ -56,8 +57,7 @@ def store_env(request, tmp_path):
     yield env, store
     if request.param == "redis":
         client = store.client  # type: ignore[attr-defined]
-        for key in client.scan_iter(f"{config.redis_prefix}:*", count=500):
-            client.delete(key)
+        drop_prefix(client, config.redis_prefix)
     store.close()
 
 

@@ -51,6 +51,7 @@ from support.accounts import open_account_store
 from support.app import SLUG, InProcessServer, running_app, wait_for
 from support.postgres import postgres_schema_url
 from support.proxy import Request, StoreProxy, commit_of, nth
+from support.stores import drop_prefix
 
 LEASE = 6.0  # a heartbeat every 2 s; one store call, retries included, gets 2 s
 RETENTION = 1.5
@@ -276,8 +277,7 @@ def fleet(request, tmp_path_factory) -> Iterator[Fleet]:
     with fleet_on(request.param, upstream, prefix, tmp_path_factory.mktemp("lost-replies")) as fleet:
         yield fleet
         if request.param == "redis":
-            for key in fleet.direct.client.scan_iter(f"{prefix}:*", count=1000):
-                fleet.direct.client.delete(key)
+            drop_prefix(fleet.direct.client, prefix)
 
 
 # -- which request each transition is -------------------------------------------------------------
@@ -602,8 +602,7 @@ def test_a_webhook_ack_whose_reply_was_lost_answers_true(fleet: Fleet, postgres_
         assert recorded.state == "delivered" and recorded.attempts == [{"at": 1.0, "status_code": 200}]
     finally:
         if fleet.backend == "redis":
-            for key in fleet.direct.client.scan_iter(f"{store.prefix}:*", count=1000):
-                fleet.direct.client.delete(key)
+            drop_prefix(fleet.direct.client, store.prefix)
         store.close()
 
 
@@ -851,8 +850,7 @@ def test_soak_with_a_tenth_of_the_replies_lost(backend: str, request, tmp_path) 
             _soak(fleet, started)
         finally:
             if backend == "redis":
-                for key in fleet.direct.client.scan_iter(f"{prefix}:*", count=1000):
-                    fleet.direct.client.delete(key)
+                drop_prefix(fleet.direct.client, prefix)
 
 
 def _soak(fleet: Fleet, started: float) -> None:

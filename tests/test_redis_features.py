@@ -13,6 +13,7 @@ import redis
 from test_webhooks import Receiver
 
 from support.app import SLUG, running_app, shared_engine, wait_for, wait_status
+from support.stores import drop_prefix
 
 SMALL = {"width": 128, "height": 128, "steps": 2}
 
@@ -31,8 +32,7 @@ def redis_server(tmp_path, tiny_model, redis_url):
         webhook_poll_seconds=0.2,
     ) as server:
         yield server, client, prefix
-    for key in client.scan_iter(f"{prefix}:*", count=500):
-        client.delete(key)
+    drop_prefix(client, prefix)
     client.close()
 
 

@@ -14,6 +14,7 @@ import redis
 
 from conftest import SLUG
 from support.processes import FluxserveProcess
+from support.stores import drop_prefix
 
 
 def server_children(pid: int) -> list[int]:
@@ -55,8 +56,7 @@ def test_two_api_processes_share_a_port_and_the_redis_store(tmp_path, redis_url)
     finally:
         server.kill()
         client = redis.Redis.from_url(redis_url)
-        for key in client.scan_iter(f"{prefix}:*", count=500):
-            client.delete(key)
+        drop_prefix(client, prefix)
         client.close()
 
 

@@ -17,6 +17,8 @@ from fluxserve.jobs.sqlite import SqliteJobStore
 from fluxserve.outputs.local import LocalOutputStore
 from fluxserve.worker import Worker
 
+from support.stores import drop_prefix
+
 POLL_SECONDS = 60.0  # far longer than the test: only a wake-up can start the job in time
 
 
@@ -39,8 +41,7 @@ def stores(request, tmp_path):
     url = request.getfixturevalue("redis_url")
     worker_side, api_side = (RedisJobStore.from_url(url, prefix=prefix) for _ in range(2))
     yield worker_side, api_side
-    for key in api_side.client.scan_iter(f"{prefix}:*", count=500):
-        api_side.client.delete(key)
+    drop_prefix(api_side.client, prefix)
     worker_side.close()
     api_side.close()
 

@@ -37,10 +37,14 @@ def job_store_factory(backend: str, request, tmp_path):
 
     def cleanup():
         if backend == "redis" and opened:
-            client = opened[0].client
-            for key in client.scan_iter(f"{prefix}:*", count=500):
-                client.delete(key)
+            drop_prefix(opened[0].client, prefix)
         for store in opened:
             store.close()
 
     return make, cleanup
+
+
+def drop_prefix(client, prefix: str) -> None:
+    """Delete every Redis key under `prefix` (a test's own key space; never a FLUSHDB on a shared server)."""
+    for key in client.scan_iter(f"{prefix}:*", count=1000):
+        client.delete(key)
