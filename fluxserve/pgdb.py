@@ -52,6 +52,11 @@ CONNECT_TIMEOUT_S = 5
 STATEMENT_TIMEOUT_MS = 8000
 POOL_TIMEOUT_S = 3.0
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 30000
+# psycopg_pool re-opens a lost connection with pauses doubling without a cap (1, 2, 4, 8, 16 s...), so
+# after a long outage a slot came back tens of seconds after the server did, and every borrow failed
+# meanwhile. Giving a slot up after this long frees it: the next borrow that finds the pool empty
+# opens one at once.
+RECONNECT_GIVE_UP_S = 3.0
 # The shortest try a call gets, whatever the lease: below it a busy server's ordinary replies would be cut.
 MIN_TRY_SECONDS = 1.0
 MAX_TRY_SECONDS = 10.0  # a long lease gets more tries, not longer ones
@@ -204,6 +209,7 @@ def open_pool(url: str, *, max_size: int = 8, name: str = "fluxserve",
         open=True,
         name=name,
         timeout=timeouts.pool,
+        reconnect_timeout=RECONNECT_GIVE_UP_S,
         check=check,
         configure=configure,
         kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": timeouts.connect},
