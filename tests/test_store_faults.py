@@ -141,12 +141,25 @@ def fragile_client(url: str, timeout: float = 2.0) -> redis.Redis:
                                 retry=Retry(NoBackoff(), 0))
 
 
-def redis_stores(url: str, lease: float, timeout: float = 2.0) -> tuple[RedisJobStore, RedisJobStore]:
-    """(the worker's store, a second handle to submit and read with), on a fresh key prefix."""
-    prefix = f"faults-{uuid.uuid4().hex[:10]}"
-    policy = LeasePolicy(lease_seconds=lease, reclaim_backoff_seconds=0)
-    return (RedisJobStore(fragile_client(url, timeout), prefix=prefix, policy=policy),
-            RedisJobStore(redis.Redis.from_url(url, decode_responses=True), prefix=prefix, policy=policy))
+@pytest.fixture()
+def redis_stores(redis_server) -> Iterator[Callable[..., tuple[RedisJobStore, RedisJobStore]]]:
+    """`redis_stores(lease, timeout=2.0)`: (the worker's store, a second handle to submit and read
+    with) on the test's server and a fresh key prefix; closed before the server is killed, so their
+    listeners do not go on resubscribing to a dead server through the rest of the session."""
+    opened: list[RedisJobStore] = []
+
+    def open_pair(lease: float, timeout: float = 2.0) -> tuple[RedisJobStore, RedisJobStore]:
+        prefix = f"faults-{uuid.uuid4().hex[:10]}"
+        policy = LeasePolicy(lease_seconds=lease, reclaim_backoff_seconds=0)
+        pair = (RedisJobStore(fragile_client(redis_server.url, timeout), prefix=prefix, policy=policy),
+                RedisJobStore(redis.Redis.from_url(redis_server.url, decode_responses=True), prefix=prefix,
+                              policy=policy))
+        opened.extend(pair)
+        return pair
+
+    yield open_pair
+    for store in opened:
+        store.close()
 
 
 def submit(store: JobStore, steps: int = 4) -> Job:
@@ -179,10 +192,10 @@ def messages(caplog, needle: str) -> list[str]:
 # -- the worker ----------------------------------------------------------------------------------
 
 
-def test_a_redis_outage_mid_job_delays_the_job_and_never_fails_it(redis_server, tmp_path, caplog):
+def test_a_redis_outage_mid_job_delays_the_job_and_never_fails_it(redis_stores, redis_server, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="fluxserve")
     lease = 6.0
-    worker_store, api = redis_stores(redis_server.url, lease)
+    worker_store, api = redis_stores(lease)
     engine = StagedEngine([3.0])
     worker = start_worker(worker_store, engine, tmp_path, lease)
     try:
@@ -200,10 +213,11 @@ def test_a_redis_outage_mid_job_delays_the_job_and_never_fails_it(redis_server, 
     assert not messages(caplog, "abandoned")
 
 
-def test_a_heartbeat_that_cannot_get_through_within_the_lease_stops_the_work(redis_server, tmp_path, caplog):
+def test_a_heartbeat_that_cannot_get_through_within_the_lease_stops_the_work(redis_stores, redis_server, tmp_path,
+                                                                             caplog):
     caplog.set_level(logging.INFO, logger="fluxserve")
     lease = 2.0
-    worker_store, api = redis_stores(redis_server.url, lease)
+    worker_store, api = redis_stores(lease)
     engine = StagedEngine([8.0, 0.4])
     worker = start_worker(worker_store, engine, tmp_path, lease)
     try:
@@ -226,10 +240,10 @@ def test_a_heartbeat_that_cannot_get_through_within_the_lease_stops_the_work(red
     assert messages(caplog, "abandoned") or messages(caplog, "stopping job")
 
 
-def test_a_result_recorded_after_a_short_outage_completes_the_job_once(redis_server, tmp_path, caplog):
+def test_a_result_recorded_after_a_short_outage_completes_the_job_once(redis_stores, redis_server, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="fluxserve")
     lease = 6.0
-    worker_store, api = redis_stores(redis_server.url, lease)
+    worker_store, api = redis_stores(lease)
     restarts: list[threading.Thread] = []
     engine = StagedEngine([0.4], at_end=lambda run: restarts.append(outage(redis_server, 1.5)) if run == 0 else None)
     worker = start_worker(worker_store, engine, tmp_path, lease)
@@ -245,10 +259,11 @@ def test_a_result_recorded_after_a_short_outage_completes_the_job_once(redis_ser
     assert (tmp_path / "outputs" / done.result.output_key).is_file()
 
 
-def test_a_result_that_cannot_be_recorded_within_the_lease_is_left_for_the_queue(redis_server, tmp_path, caplog):
+def test_a_result_that_cannot_be_recorded_within_the_lease_is_left_for_the_queue(redis_stores, redis_server,
+                                                                                 tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="fluxserve")
     lease = 2.0
-    worker_store, api = redis_stores(redis_server.url, lease)
+    worker_store, api = redis_stores(lease)
     restarts: list[threading.Thread] = []
     engine = StagedEngine([0.4], at_end=lambda run: restarts.append(outage(redis_server, 4.0)) if run == 0 else None)
     worker = start_worker(worker_store, engine, tmp_path, lease)
@@ -264,9 +279,9 @@ def test_a_result_that_cannot_be_recorded_within_the_lease_is_left_for_the_queue
     assert any(f"job {job.id} abandoned" in m for m in messages(caplog, "recording the result"))
 
 
-def test_a_generation_failure_is_still_the_jobs_failure_through_a_store_hiccup(redis_server, tmp_path):
+def test_a_generation_failure_is_still_the_jobs_failure_through_a_store_hiccup(redis_stores, redis_server, tmp_path):
     lease = 6.0
-    worker_store, api = redis_stores(redis_server.url, lease)
+    worker_store, api = redis_stores(lease)
     restarts: list[threading.Thread] = []
     engine = StagedEngine([0.4], at_end=lambda run: restarts.append(outage(redis_server, 1.5)),
                           fail_with=RuntimeError("the sampler blew up"))
@@ -282,9 +297,9 @@ def test_a_generation_failure_is_still_the_jobs_failure_through_a_store_hiccup(r
     assert done.error == "Generation failed: RuntimeError: the sampler blew up"
 
 
-def test_the_claim_loop_rides_out_an_outage_and_says_so_once(redis_server, tmp_path, caplog):
+def test_the_claim_loop_rides_out_an_outage_and_says_so_once(redis_stores, redis_server, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="fluxserve")
-    worker_store, api = redis_stores(redis_server.url, lease=6.0)
+    worker_store, api = redis_stores(lease=6.0)
     worker = start_worker(worker_store, SleepingEngine(0.0), tmp_path, lease=6.0, poll=0.1)
     try:
         time.sleep(0.3)
@@ -297,12 +312,16 @@ def test_the_claim_loop_rides_out_an_outage_and_says_so_once(redis_server, tmp_p
     assert done.state is JobState.COMPLETED
     assert len(messages(caplog, "the job store is unavailable")) == 1  # many failed claims, one line
     assert len(messages(caplog, "the job store is available again")) == 1
+    # The wake-up listener, too, says so once an outage (it once logged every 0.5 s until Redis was back).
+    lost = messages(caplog, "lost the Redis pub/sub connection")
+    assert lost and len(lost) == len(set(lost)), lost
+    wait_for(lambda: len(messages(caplog, "Redis pub/sub on")) == len(lost), timeout=10, what="the listener back")
 
 
-def test_a_claim_whose_answer_was_lost_is_retried_under_its_token(redis_server, tmp_path):
+def test_a_claim_whose_answer_was_lost_is_retried_under_its_token(redis_stores, tmp_path):
     """The claim runs on the server after the worker's read timed out: its retry (same token) gets that
     job. Under a fresh token the job would sit leased to nobody until the lease lapsed (attempt 2)."""
-    worker_store, api = redis_stores(redis_server.url, lease=30.0, timeout=0.4)
+    worker_store, api = redis_stores(lease=30.0, timeout=0.4)
     assert worker_store.claim("warm-up", ["no-such-model"]) is None  # the claim script is loaded
     job = submit(api)
     busy = threading.Thread(target=lambda: api.client.eval(BUSY_SCRIPT, 0, 1.5))
@@ -397,9 +416,12 @@ def test_a_submit_the_store_kept_is_answered_as_queued(redis_server, tmp_path):
     client gets its request_id (a 503 would make it submit the same job again)."""
     prefix = f"kept-{uuid.uuid4().hex[:8]}"
 
+    impatient: list[RedisJobStore] = []
+
     def impatient_jobs(services) -> None:
-        services.submitter.jobs = RedisJobStore(fragile_client(redis_server.url, timeout=0.4), prefix=prefix,
-                                                policy=services.jobs.policy)
+        impatient.append(RedisJobStore(fragile_client(redis_server.url, timeout=0.4), prefix=prefix,
+                                       policy=services.jobs.policy))
+        services.submitter.jobs = impatient[0]
 
     with running_app(tmp_path / "data", engine=SleepingEngine(0.0), store=redis_server.url, redis_prefix=prefix,
                      setup=impatient_jobs) as app, app.http() as http:
@@ -415,6 +437,7 @@ def test_a_submit_the_store_kept_is_answered_as_queued(redis_server, tmp_path):
         request_id = response.json()["request_id"]
         assert wait_status(http, request_id)["status"] == "COMPLETED"
         assert f"submit of job {request_id} failed" in app.log() and "the store kept it" in app.log()
+    impatient[0].close()
 
 
 def test_a_submit_the_store_refused_is_503_and_gives_its_credits_back(tmp_path):

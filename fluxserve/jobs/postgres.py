@@ -634,8 +634,11 @@ class _Listener:
                 for channel in self.channels:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             self.pid = conn.info.backend_pid
+            # Anything may have happened while we were not listening: wake who was waiting, before
+            # letting newcomers in (they register now, when no notification can be missed, and a
+            # wake-up meant for the ones before would only make them re-read the table for nothing).
+            self._wake_all()
             self._ready.set()
-            self._wake_all()  # anything may have happened while we were not listening
             while not self._closed.is_set():
                 for notification in conn.notifies(timeout=self._POLL_S):
                     self._wake(notification.channel, notification.payload)

@@ -372,20 +372,27 @@ class _Wakeups:
         self._subscribed.wait(5)
 
     def _run(self) -> None:
+        lost_at: float | None = None  # while the connection stays lost: since when (said once an outage)
         while not self._closed.is_set():
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self.channel)
                 pubsub.get_message(timeout=5)  # wait for the subscription to be in place
+                if lost_at is not None:
+                    log.info("Redis pub/sub on %s back after %.1fs", self.channel, time.monotonic() - lost_at)
+                    lost_at = None
+                self._wake_all()  # anything may have ended while we were not listening;
+                # then newcomers, who register when nothing can be missed and need no wake-up
                 self._subscribed.set()
-                self._wake_all()  # anything may have ended while we were not listening
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and message["type"] == "message":
                         self._wake(message["data"])
             except (redis.RedisError, OSError, ValueError):
                 if not self._closed.is_set():
-                    log.warning("lost the Redis pub/sub connection; resubscribing")
+                    if lost_at is None:
+                        lost_at = time.monotonic()
+                        log.warning("lost the Redis pub/sub connection on %s; resubscribing", self.channel)
                     self._closed.wait(0.5)
             finally:
                 pubsub.close()
