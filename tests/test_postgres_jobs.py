@@ -19,10 +19,28 @@ from fluxserve.jobs.postgres import _MIGRATIONS, _RECHECK_SECONDS, PostgresJobSt
 
 from conftest import free_port
 
-# A notified waiter wakes within this: loose for a busy CI box, yet every waiter below is notified
-# 0.3 s into its wait, 0.7 s before its next re-read of the table, so only the notification wakes it this soon.
-WAKE_LATENCY_S = 0.4
+# Every waiter below waits this long at most, and (but in the lost-notification test) re-reads the table
+# only every RECHECK_S: a waiter that returns before its timeout was woken by a notification, however busy
+# the machine. How soon it wakes is a latency, measured by bench/latency.py, not asserted here.
+WAIT_S = 60.0
+RECHECK_S = 3600.0
+# The listener's longest pause between reconnects: a watch or a close that waited for the connection would
+# take up to this; a prompt one returns well within it, even on a busy machine (a sanity bound).
+PAUSE_S = _Listener._RECONNECT_MAX_S
 POLICY = LeasePolicy(lease_seconds=30.0, max_attempts=2, retention_seconds=30.0, reclaim_backoff_seconds=0.0)
+
+
+@pytest.fixture(autouse=True)
+def notifications_only(request, monkeypatch):
+    """Waiters re-read the table only every RECHECK_S: what wakes them sooner is a notification."""
+    if "lost_notification" not in request.node.name:
+        monkeypatch.setattr("fluxserve.jobs.postgres._RECHECK_SECONDS", RECHECK_S)
+
+
+def woken(thread: threading.Thread, times: dict[str, float], what: str) -> None:
+    """The waiter in `thread` returned before its own timeout (WAIT_S): something woke it."""
+    thread.join(WAIT_S + 30)
+    assert "woke" in times and times["woke"] - times["called"] < WAIT_S, f"not woken by {what}"
 
 
 @pytest.fixture()
@@ -85,12 +103,10 @@ def listening(store: PostgresJobStore, previous: int | None = None) -> bool:
 def test_a_submit_wakes_a_waiting_worker_at_once(open_store):
     api, worker = open_store(), open_store()
     for _ in range(3):
-        thread, times = in_thread(worker.wait_for_work, ["m"], 10.0)
-        time.sleep(0.3)  # waiting now; the next re-read of the table is 0.7 s away
+        thread, times = in_thread(worker.wait_for_work, ["m"], WAIT_S)
+        time.sleep(0.3)  # most likely waiting by now (if not, it finds the job at once: the test still holds)
         api.submit(new_job())
-        submitted = time.monotonic()
-        thread.join(5)
-        assert times["woke"] - submitted < WAKE_LATENCY_S
+        woken(thread, times, "the submit's notification")
         assert worker.claim("w", ["m"]) is not None
 
 
@@ -101,10 +117,9 @@ def test_a_waiter_is_not_woken_by_another_models_submit(open_store):
     api.submit(new_job("m"))
     thread.join(5)
     assert times["woke"] - times["called"] >= 0.6  # its whole timeout (timed in the thread: it may start late)
-    # Waiting for any model: woken by it (and, with a job already queued, at once).
-    started = time.monotonic()
-    worker.wait_for_work(None, 5.0)
-    assert time.monotonic() - started < WAKE_LATENCY_S
+    # Waiting for any model: with a job already queued, it returns without waiting.
+    thread, times = in_thread(worker.wait_for_work, None, WAIT_S)
+    woken(thread, times, "the queued job")
 
 
 def test_an_end_wakes_wait_terminal_at_once(open_store):
@@ -112,7 +127,7 @@ def test_an_end_wakes_wait_terminal_at_once(open_store):
     for end in ("complete", "fail", "cancel"):
         job = api.submit(new_job())
         _, lease = worker.claim("w")
-        thread, times = in_thread(api.wait_terminal, job.id, 10.0)
+        thread, times = in_thread(api.wait_terminal, job.id, WAIT_S)
         time.sleep(0.3)
         if end == "complete":
             worker.complete(lease, JobResult("k", "image/png"))
@@ -120,20 +135,16 @@ def test_an_end_wakes_wait_terminal_at_once(open_store):
             worker.fail(lease, "boom")
         else:
             worker.cancel(job.id, "cancelled")
-        ended = time.monotonic()
-        thread.join(5)
-        assert times["woke"] - ended < WAKE_LATENCY_S, end
+        woken(thread, times, f"the job's end ({end})")
 
 
 def test_a_slug_too_long_for_a_notification_wakes_every_waiter(open_store):
     api, worker = open_store(), open_store()
     slug = "m" * 9000  # NOTIFY refuses payloads of 8000 bytes and more
-    thread, times = in_thread(worker.wait_for_work, ["m"], 10.0)
+    thread, times = in_thread(worker.wait_for_work, ["m"], WAIT_S)
     time.sleep(0.3)
     job = api.submit(new_job(slug))
-    submitted = time.monotonic()
-    thread.join(5)
-    assert times["woke"] - submitted < WAKE_LATENCY_S
+    woken(thread, times, "the notification for every waiter")
     assert worker.claim("w", [slug])[0].id == job.id
 
 
@@ -141,20 +152,17 @@ def test_a_lost_notification_costs_at_most_the_recheck(open_store, monkeypatch):
     api, worker = open_store(), open_store()
     for store in (api, worker):
         monkeypatch.setattr(store._listener, "_wake", lambda channel, key: None)  # every notification lost
-    thread, times = in_thread(worker.wait_for_work, ["m"], 10.0)
+    # No notification arrives: the re-read every _RECHECK_SECONDS finds the work, long before the timeout.
+    thread, times = in_thread(worker.wait_for_work, ["m"], WAIT_S)
     time.sleep(0.2)
     job = api.submit(new_job())
-    submitted = time.monotonic()
-    thread.join(5)
-    assert times["woke"] - submitted <= _RECHECK_SECONDS + 0.3
+    woken(thread, times, f"the re-read every {_RECHECK_SECONDS}s")
 
     _, lease = worker.claim("w")
-    thread, times = in_thread(api.wait_terminal, job.id, 10.0)
+    thread, times = in_thread(api.wait_terminal, job.id, WAIT_S)
     time.sleep(0.2)
     worker.complete(lease, JobResult("k", "image/png"))
-    ended = time.monotonic()
-    thread.join(5)
-    assert times["woke"] - ended <= _RECHECK_SECONDS + 0.3
+    woken(thread, times, f"the re-read every {_RECHECK_SECONDS}s")
     assert api.get(job.id).state is JobState.COMPLETED
 
 
@@ -166,23 +174,19 @@ def test_the_listener_reconnects_after_its_backend_is_terminated(open_store, pos
     worker.wait_for_work(None, 0.01)  # starts the listener
     wait_until(lambda: listening(worker))
     old_pid = worker._listener.pid
-    thread, times = in_thread(worker.wait_for_work, ["m"], 10.0)
+    thread, times = in_thread(worker.wait_for_work, ["m"], WAIT_S)
     time.sleep(0.2)
     assert terminate(postgres_url, "pid = %s", old_pid) == 1
     api.submit(new_job())  # most likely sent while nobody listens: the reconnect wakes the waiter anyway
-    submitted = time.monotonic()
-    thread.join(5)
-    assert times["woke"] - submitted < _RECHECK_SECONDS
+    woken(thread, times, "the listener's reconnect")
     wait_until(lambda: listening(worker, old_pid))
     worker.claim("w")
 
     # Listening again: the next submit wakes a waiter through its notification.
-    thread, times = in_thread(worker.wait_for_work, ["m"], 10.0)
+    thread, times = in_thread(worker.wait_for_work, ["m"], WAIT_S)
     time.sleep(0.3)
     api.submit(new_job())
-    submitted = time.monotonic()
-    thread.join(5)
-    assert times["woke"] - submitted < WAKE_LATENCY_S
+    woken(thread, times, "the submit's notification after the reconnect")
 
 
 def test_every_connection_terminated_the_store_carries_on(open_store, postgres_url):
@@ -197,12 +201,10 @@ def test_every_connection_terminated_the_store_carries_on(open_store, postgres_u
     claimed, lease = worker.claim("w")
     assert claimed.id == job.id
     wait_until(lambda: listening(worker, old_pid))
-    thread, times = in_thread(api.wait_terminal, job.id, 10.0)
+    thread, times = in_thread(api.wait_terminal, job.id, WAIT_S)
     time.sleep(0.3)
     assert worker.complete(lease, JobResult("k", "image/png"))
-    ended = time.monotonic()
-    thread.join(5)
-    assert times["woke"] - ended < WAKE_LATENCY_S
+    woken(thread, times, "the job's end after every connection was replaced")
 
 
 def test_an_unreachable_server_is_retried_with_backoff_and_close_is_prompt(caplog):
@@ -210,11 +212,11 @@ def test_an_unreachable_server_is_retried_with_backoff_and_close_is_prompt(caplo
     with caplog.at_level(logging.WARNING, logger="fluxserve.jobs.postgres"):
         started = time.monotonic()
         with listener.watch("fluxserve:t:queued", "m") as event:  # returns although nothing listens
-            assert time.monotonic() - started < 1.0 and not event.is_set()
+            assert time.monotonic() - started < PAUSE_S and not event.is_set()
             time.sleep(1.6)
         closing = time.monotonic()
         listener.close()
-        assert time.monotonic() - closing < 1.0
+        assert time.monotonic() - closing < PAUSE_S
     attempts = [r for r in caplog.records if "reconnecting" in r.getMessage()]
     # Backoff 0.1, 0.2, 0.4, 0.8 s...: a handful of attempts in 1.6 s, not a spin.
     assert 2 <= len(attempts) <= 6
@@ -229,7 +231,7 @@ def test_close_stops_the_listener_promptly(open_store, postgres_url):
     thread = store._listener._thread
     started = time.monotonic()
     store.close()
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < PAUSE_S
     assert thread is not None and not thread.is_alive()
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         wait_until(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
