@@ -7,21 +7,32 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # Two test processes (one per core); each test file runs whole in one of them.
 PYTEST_ARGS ?= -n 2 --dist loadfile
+# The inner loop: everything but the multi-process drills, the browser and the deploy files.
+FAST_MARKERS := not drill and not browser and not deploy
 
-.PHONY: run test check clean browser postgres redis
+.PHONY: run test test-fast check clean browser postgres redis
 
-$(BIN)/.installed: pyproject.toml
+# What `make run` needs (the service) and, on top of it, what `make test` needs (the test extra):
+# each installed once, and again when pyproject.toml changes.
+$(BIN)/.runtime: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.runtime
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-run: $(BIN)/.installed
+run: $(BIN)/.runtime
 	$(BIN)/fluxserve serve
 
 test: check browser postgres redis
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# In-process tests, the stores and the engine, in about two minutes; `make test` (CI) still runs everything.
+test-fast: $(BIN)/.installed postgres redis
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "$(FAST_MARKERS)"
 
 # Static checks: ruff's rule set and mypy (both configured in pyproject.toml).
 check: $(BIN)/.installed
