@@ -545,7 +545,7 @@ def test_wait_terminal_wakes_on_an_end_made_by_another_handle(make_store):
     job = submit(api)
     _, lease = worker.claim("w")
     threading.Timer(0.3, worker.fail, args=(lease, "boom")).start()
-    ended = api.wait_terminal(job.id, timeout=10)
+    ended = api.wait_terminal(job.id, timeout=60)
     assert ended.state is JobState.FAILED and ended.error == "boom"
 
 

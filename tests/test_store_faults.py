@@ -55,6 +55,7 @@ from fluxserve.worker import Worker
 from support.accounts import accounts_of, create_key
 from support.app import SLUG, running_app, wait_for, wait_status
 from support.processes import RedisServer
+from support.promises import MARGIN_S
 
 SMALL = {"width": 128, "height": 128, "steps": 4}
 SUBMIT = {"positivePrompt": "a lighthouse", **SMALL}
@@ -200,7 +201,7 @@ def test_a_redis_outage_mid_job_delays_the_job_and_never_fails_it(redis_stores, 
     worker = start_worker(worker_store, engine, tmp_path, lease)
     try:
         job = submit(api, steps=6)
-        wait_for(lambda: engine.started, timeout=10, what="the run")
+        wait_for(lambda: engine.started, timeout=MARGIN_S, what="the run")
         time.sleep(0.3)
         outage(redis_server, 2.0).join()  # progress reports and a heartbeat meet a refused connection
         done = wait_state(api, job.id, (JobState.COMPLETED, JobState.FAILED))
@@ -222,11 +223,11 @@ def test_a_heartbeat_that_cannot_get_through_within_the_lease_stops_the_work(red
     worker = start_worker(worker_store, engine, tmp_path, lease)
     try:
         job = submit(api, steps=16)
-        wait_for(lambda: engine.started, timeout=10, what="the first run")
+        wait_for(lambda: engine.started, timeout=MARGIN_S, what="the first run")
         time.sleep(0.3)
         down_at = time.monotonic()
         restarted = outage(redis_server, 5.0)
-        wait_for(lambda: engine.cancelled, timeout=10, what="the first run to stop")
+        wait_for(lambda: engine.cancelled, timeout=MARGIN_S, what="the first run to stop")
         assert worker._thread is not None and worker._thread.is_alive()
         restarted.join()
         done = wait_state(api, job.id, (JobState.COMPLETED, JobState.FAILED))
@@ -249,7 +250,7 @@ def test_a_result_recorded_after_a_short_outage_completes_the_job_once(redis_sto
     worker = start_worker(worker_store, engine, tmp_path, lease)
     try:
         job = submit(api)
-        wait_for(lambda: restarts, timeout=20, what="the outage")
+        wait_for(lambda: restarts, timeout=MARGIN_S, what="the outage")
         restarts[0].join()
         done = wait_state(api, job.id, (JobState.COMPLETED, JobState.FAILED))
     finally:
@@ -269,7 +270,7 @@ def test_a_result_that_cannot_be_recorded_within_the_lease_is_left_for_the_queue
     worker = start_worker(worker_store, engine, tmp_path, lease)
     try:
         job = submit(api)
-        wait_for(lambda: restarts, timeout=20, what="the outage")
+        wait_for(lambda: restarts, timeout=MARGIN_S, what="the outage")
         restarts[0].join()
         done = wait_state(api, job.id, (JobState.COMPLETED, JobState.FAILED))
     finally:
@@ -288,7 +289,7 @@ def test_a_generation_failure_is_still_the_jobs_failure_through_a_store_hiccup(r
     worker = start_worker(worker_store, engine, tmp_path, lease)
     try:
         job = submit(api)
-        wait_for(lambda: restarts, timeout=20, what="the outage")
+        wait_for(lambda: restarts, timeout=MARGIN_S, what="the outage")
         restarts[0].join()
         done = wait_state(api, job.id, (JobState.COMPLETED, JobState.FAILED))
     finally:
@@ -315,7 +316,7 @@ def test_the_claim_loop_rides_out_an_outage_and_says_so_once(redis_stores, redis
     # The wake-up listener, too, says so once an outage (it once logged every 0.5 s until Redis was back).
     lost = messages(caplog, "lost the Redis pub/sub connection")
     assert lost and len(lost) == len(set(lost)), lost
-    wait_for(lambda: len(messages(caplog, "Redis pub/sub on")) == len(lost), timeout=10, what="the listener back")
+    wait_for(lambda: len(messages(caplog, "Redis pub/sub on")) == len(lost), timeout=MARGIN_S, what="the listener back")
 
 
 def test_a_claim_whose_answer_was_lost_is_retried_under_its_token(redis_stores, tmp_path):
@@ -330,7 +331,7 @@ def test_a_claim_whose_answer_was_lost_is_retried_under_its_token(redis_stores, 
     worker = start_worker(worker_store, SleepingEngine(0.0), tmp_path, lease=30.0)
     try:
         busy.join()
-        done = wait_state(api, job.id, (JobState.COMPLETED, JobState.FAILED), timeout=20)
+        done = wait_state(api, job.id, (JobState.COMPLETED, JobState.FAILED), timeout=MARGIN_S)
     finally:
         worker.stop(timeout=10)
     assert done.state is JobState.COMPLETED and done.attempts == 1, done
@@ -344,7 +345,7 @@ def test_a_held_sqlite_write_lock_delays_a_job_and_never_fails_it(tmp_path, capl
     holder = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
     try:
         job = submit(store, steps=6)
-        wait_for(lambda: engine.started, timeout=10, what="the run")
+        wait_for(lambda: engine.started, timeout=MARGIN_S, what="the run")
         holder.execute("BEGIN IMMEDIATE")  # longer than a write waits (5 s): the worker's writes fail
         time.sleep(7.0)
         holder.execute("ROLLBACK")
@@ -517,7 +518,7 @@ def test_a_held_sqlite_write_lock_starves_neither_reads_nor_ready(tmp_path):
             accepted = [a.json()["request_id"] for a in answers if a.status_code == 200]
             for request_id in accepted:
                 assert wait_status(http, request_id)["status"] == "COMPLETED"
-            wait_for(lambda: http.get("/ready").status_code == 200, timeout=10, what="/ready")
+            wait_for(lambda: http.get("/ready").status_code == 200, timeout=MARGIN_S, what="/ready")
 
 
 def test_ready_probes_the_store_at_most_once_a_second(tmp_path):
@@ -555,7 +556,7 @@ def test_ready_is_503_when_the_sqlite_file_cannot_take_writes(tmp_path):
             holder.close()
         assert ready.status_code == 503 and ready.headers["retry-after"]
         assert ready.json()["error"].startswith("Not ready: store cannot take writes")
-        wait_for(lambda: http.get("/ready").status_code == 200, timeout=10, what="/ready")
+        wait_for(lambda: http.get("/ready").status_code == 200, timeout=MARGIN_S, what="/ready")
 
 
 # -- a corrupt SQLite file -----------------------------------------------------------------------

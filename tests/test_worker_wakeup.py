@@ -56,7 +56,7 @@ def test_a_submit_wakes_an_idle_worker(stores, tmp_path):
         queue_times = []
         for _ in range(3):
             job = api_store.submit(Job(id=new_job_id(), slug="m", params=GenerateRequest(positivePrompt="a cat")))
-            ended = api_store.wait_terminal(job.id, timeout=10)
+            ended = api_store.wait_terminal(job.id, timeout=POLL_SECONDS / 2)
             assert ended is not None and ended.state is JobState.COMPLETED, ended
             queue_times.append(ended.result.metrics["queue_time"])
             time.sleep(0.2)  # idle again before the next one
