@@ -7,8 +7,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # Two test processes (one per core); each test file runs whole in one of them.
 PYTEST_ARGS ?= -n 2 --dist loadfile
-# The inner loop: everything but the multi-process drills, the browser and the deploy files.
-FAST_MARKERS := not drill and not browser and not deploy
+# The inner loop: everything but the multi-process drills, the browser, the deploy files and torch.compile.
+FAST_MARKERS := not drill and not browser and not deploy and not compile
 
 .PHONY: run test test-fast check clean browser postgres redis
 

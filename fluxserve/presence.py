@@ -89,6 +89,12 @@ class FleetView:
     def states(self, slug: str) -> list[str]:
         return sorted(advert.state for advert in self.adverts if advert.slug == slug)
 
+    def without(self, worker_id: str | None) -> FleetView:
+        """The view less one worker's adverts (none left out for None)."""
+        if worker_id is None:
+            return self
+        return FleetView(tuple(advert for advert in self.adverts if advert.worker_id != worker_id))
+
 
 @dataclass
 class PresenceView:

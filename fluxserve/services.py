@@ -85,7 +85,7 @@ class Services:
         # The model a request that names none gets (OpenAI's `model` left out): the default slug, else the first.
         default = settings.model.slug if settings.model.slug in self.models else next(iter(self.models))
         self.directory = ModelDirectory(self.models, self.engines, PresenceView(self.presence), default=default,
-                                        created=int(time.time()))
+                                        created=int(time.time()), own_worker=self.advertiser.worker_id)
         self.access = Access(settings.accounts, self.accounts, host=settings.host, data_dir=settings.data_dir)
         self.billing = Billing(self.accounts, self.jobs, settings.accounts)
         self.webhook_owners = OwnerWebhooks(settings.webhooks, self.accounts, settings.data_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -25,11 +26,27 @@ SLUG = "juggernaut-pro-flux"
 __all__ = ["SLUG", "ServerProcess", "free_port", "wait_status"]
 
 
+def run_dir(tmp_path_factory) -> Path:
+    """A temp dir of this test run that every pytest-xdist worker of the run shares."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
+    """The tiny model, built once per test run: the first worker builds it, the others wait for it."""
+    from filelock import FileLock
+
     from fluxserve.engine.tiny import save_tiny_model
 
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux")
+    root = run_dir(tmp_path_factory)
+    model = root / "tiny-flux"
+    with FileLock(str(root / "tiny-flux.lock")):
+        if not model.exists():
+            building = root / "tiny-flux.building"
+            shutil.rmtree(building, ignore_errors=True)  # a build a crashed worker left half done
+            save_tiny_model(building).rename(model)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
+
+pytestmark = pytest.mark.drill
 
 
 def fluxserve(*args: str, cwd=None) -> subprocess.CompletedProcess:

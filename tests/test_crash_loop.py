@@ -35,6 +35,8 @@ from support.processes import FluxserveProcess, api_replica, worker
 from support.promises import MARGIN_S, START_BOUND_S, monotonic_of, reclaimable_at, start_ready, wait_until
 from support.stores import drop_prefix
 
+pytestmark = pytest.mark.drill
+
 # More kills than jobs: the first jobs are hit twice (their delay doubles), the rest once.
 KILLS = 8
 JOBS = 6

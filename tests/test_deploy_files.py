@@ -25,6 +25,8 @@ import typer
 
 from fluxserve.config import Settings, flat_fields
 
+pytestmark = pytest.mark.deploy
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
 COMPOSE_POSTGRES = ROOT / "compose.postgres.yaml"

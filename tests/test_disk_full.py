@@ -28,6 +28,8 @@ from support.app import SLUG, wait_for
 from support.processes import ServerProcess
 from support.promises import MARGIN_S, START_BOUND_S
 
+pytestmark = pytest.mark.drill
+
 TMPFS_KB = 6144
 JOB_SECONDS = 0.4
 LEASE_SECONDS = 3.0

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from conftest import SLUG, wait_status
 from support.processes import ServerProcess
 from support.promises import MARGIN_S
+
+pytestmark = pytest.mark.drill
 
 LEASE_SECONDS = 2.0
 

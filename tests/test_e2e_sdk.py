@@ -15,6 +15,8 @@ from segmind.v2 import InferenceFailed
 
 from conftest import SLUG
 
+pytestmark = pytest.mark.drill
+
 PAGE_PROMPT = (
     "Middle-aged man sitting alone at diner counter, 3am, half-eaten pie, reflection in window, "
     "fluorescent lighting casting shadows."

@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import SLUG, wait_status
 from support.processes import FluxserveProcess, RedisServer, api_replica, free_port, worker
 
+pytestmark = pytest.mark.drill
+
 LEASE_SECONDS = "2"
 SMALL = {"width": 128, "height": 128, "steps": 2}
 # Long enough (seconds on a CPU) that a drill can act while it runs.

@@ -37,6 +37,8 @@ from fluxserve.jobs.postgres import active_jobs_query
 from fluxserve.jobs.redis import active_key
 from fluxserve.metrics import Metrics
 
+pytestmark = pytest.mark.deploy
+
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the test extra) bundles Helm for this platform only "
                                                   "where its wheel exists (manylinux x86-64)")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")

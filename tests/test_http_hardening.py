@@ -197,6 +197,7 @@ def test_docs_page_works_offline(http):
 CHROMIUM = "/usr/bin/chromium"
 
 
+@pytest.mark.browser
 def test_pages_load_in_a_browser_without_csp_violations(open_app):
     """The playground and Swagger UI under the CSP: no inline script, style or handler is refused."""
     if not os.access(CHROMIUM, os.X_OK):

@@ -31,6 +31,8 @@ from support.processes import FluxserveProcess, worker
 from support.promises import MARGIN_S, START_BOUND_S
 from support.stores import drop_prefix
 
+pytestmark = pytest.mark.drill
+
 JOB_SECONDS = 4.0  # the fake engine's sleep per job
 SIGTERM_AFTER = 1.0  # into the job
 DRAIN_MARGIN_SECONDS = 60.0  # the chart's drainMarginSeconds default: what a busy node gets too

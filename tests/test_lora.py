@@ -307,6 +307,7 @@ def test_an_adapter_that_does_not_fit_the_slots_fails_without_touching_them(tiny
     assert np.array_equal(pixels(engine), base)
 
 
+@pytest.mark.compile
 def test_compiled_slots_swap_adapters_without_recompiling(tiny_model, lora_dir, tmp_path, monkeypatch, base):
     """The real compile path (regional, fullgraph) with dynamo's eager backend, which compiles in seconds:
     after the warm-up no adapter swap compiles anything or misses a guard (every block call ran its graph)."""

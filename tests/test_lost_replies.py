@@ -53,6 +53,8 @@ from support.postgres import postgres_schema_url
 from support.proxy import Request, StoreProxy, commit_of, nth
 from support.stores import drop_prefix
 
+pytestmark = pytest.mark.drill
+
 LEASE = 6.0  # a heartbeat every 2 s; one store call, retries included, gets 2 s
 RETENTION = 1.5
 RECLAIM_BACKOFF = 1.0

@@ -219,6 +219,7 @@ def test_a_model_that_failed_to_load_is_a_502_and_the_others_serve(tmp_path, two
 # -- a fleet: an API replica and a worker process --------------------------------------------------
 
 
+@pytest.mark.drill
 def test_a_worker_process_with_models_a_serves_a_only(tmp_path, two_models):
     """`fluxserve worker --models a` beside an API replica (no embedded worker) on one SQLite store: the
     replica learns from the worker's adverts which models are served."""
@@ -315,9 +316,10 @@ def test_who_serves_a_model_decides_the_submit():
 
     table = model_table(Settings(models="a=/m/a,b=/m/b"))
 
-    def directory(adverts=(), local=None, error=None):
+    def directory(adverts=(), local=None, error=None, own_worker=None):
         presence = FakePresence(adverts, error)
-        return ModelDirectory(table, local or {}, PresenceView(presence), default="a", created=0), presence
+        return ModelDirectory(table, local or {}, PresenceView(presence), default="a", created=0,
+                              own_worker=own_worker), presence
 
     assert directory()[0].unavailable("a") is None  # no worker at all is up: the job waits for one
     loading = directory([Advert("w1", "a", "loading")])[0]
@@ -332,6 +334,11 @@ def test_who_serves_a_model_decides_the_submit():
     assert embedded.unavailable("a").message == "The model is not available: bad LoRA"
     assert isinstance(embedded.unavailable("b"), Unavailable)  # this process runs a worker, without b
     assert directory(local={"a": EngineSlot(state="loading")})[0].unavailable("a") is None
+    # This process's own advert, read just before its model failed, still says loading: its slot decides.
+    stale = directory([Advert("me", "a", "loading")], local={"a": EngineSlot(state="failed", error="the GPU is gone")},
+                      own_worker="me")[0]
+    assert stale.unavailable("a").message == "The model is not available: the GPU is gone"
+    assert [model["state"] for model in stale.listing()] == ["failed", "no worker"]
 
     down, presence = directory(error=ConnectionError("store down"))
     assert down.unavailable("a") is None and down.unavailable("b") is None  # the submit meets the store next

@@ -25,6 +25,8 @@ from conftest import SLUG, wait_status
 from support.app import wait_for
 from support.processes import FluxserveProcess, PostgresServer, RedisServer, api_replica, worker
 
+pytestmark = pytest.mark.drill
+
 SMALL = {"width": 128, "height": 128, "steps": 2, "outputFormat": "PNG"}
 # Seconds on a CPU, so a drill can act while it runs.
 LONG = {"width": 384, "height": 384, "steps": 10, "outputFormat": "PNG"}

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import SLUG
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",

@@ -10,11 +10,14 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 
 from conftest import SLUG
 from support.processes import FluxserveProcess
 from support.stores import drop_prefix
+
+pytestmark = pytest.mark.drill
 
 
 def server_children(pid: int) -> list[int]:

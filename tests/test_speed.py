@@ -202,6 +202,7 @@ def compiled(tiny_model, tmp_path_factory):
     return engine, data_dir
 
 
+@pytest.mark.compile
 def test_quality_preset_compiles_and_keeps_the_image(compiled, reference):
     engine, data_dir = compiled
     assert engine.speed.plan.options.compile and engine.speed.compiled and engine.speed.warmed_up
@@ -213,6 +214,7 @@ def test_quality_preset_compiles_and_keeps_the_image(compiled, reference):
     assert not torch._dynamo.config.suppress_errors  # errors are caught at warm-up, not hidden everywhere
 
 
+@pytest.mark.compile
 def test_sizes_not_warmed_up_run_uncompiled_past_the_recompile_limit(compiled):
     engine, _ = compiled
     from torch._dynamo.utils import counters

@@ -57,6 +57,8 @@ from support.app import SLUG, running_app, wait_for, wait_status
 from support.processes import RedisServer
 from support.promises import MARGIN_S
 
+pytestmark = pytest.mark.drill
+
 SMALL = {"width": 128, "height": 128, "steps": 4}
 SUBMIT = {"positivePrompt": "a lighthouse", **SMALL}
 

@@ -91,6 +91,7 @@ def deliveries(http: httpx.Client, request_id: str) -> list[dict]:
     return http.get(f"/v2/requests/{request_id}").json()["webhook"]["deliveries"]
 
 
+@pytest.mark.drill
 def test_signed_retried_durable_delivery(tmp_path, tiny_model, receiver):
     settings = {
         "model": str(tiny_model),

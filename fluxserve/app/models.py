@@ -33,10 +33,13 @@ class ModelSlot(Protocol):
 
 class ModelDirectory:
     def __init__(self, table: Mapping[str, Settings], local: Mapping[str, ModelSlot], fleet: PresenceView | None,
-                 *, default: str, created: int) -> None:
+                 *, default: str, created: int, own_worker: str | None = None) -> None:
         self.table = table  # slug → that model's settings, in configuration order
         self.local = local  # the models this process's embedded worker serves
         self.fleet = fleet
+        # This process's own adverts in the fleet's view: `local` says the same, and says it first (an
+        # advert read a moment ago may still say `loading` for a model that has just failed).
+        self.own_worker = own_worker
         self.default = default
         self.created = created  # when this process started serving them (the OpenAI listing's `created`)
         self._unreadable = False  # the adverts could not be read last time (logged once per outage)
@@ -103,7 +106,7 @@ class ModelDirectory:
         if self.fleet is None:
             return FleetView()
         try:
-            view = self.fleet.fresh() if fresh else self.fleet.current()
+            view = (self.fleet.fresh() if fresh else self.fleet.current()).without(self.own_worker)
         except Exception as exc:
             if not self._unreadable:
                 log.warning("reading the workers' model adverts failed (%s: %s); submits are admitted meanwhile",
