@@ -13,15 +13,18 @@ FAST_MARKERS := not drill and not browser and not deploy and not compile
 .PHONY: run test test-fast check clean browser postgres redis
 
 # What `make run` needs (the service) and, on top of it, what `make test` needs (the test extra):
-# each installed once, and again when pyproject.toml changes.
+# each installed once, and again when pyproject.toml changes. --no-compile: Python compiles what it
+# imports on first use, instead of pip compiling every file of torch up front (half the install time).
+PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
+
 $(BIN)/.runtime: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e .
+	$(PIP_INSTALL) $(TORCH_SPEC)
+	$(PIP_INSTALL) -e .
 	touch $@
 
 $(BIN)/.installed: $(BIN)/.runtime
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
 run: $(BIN)/.runtime
