@@ -7,8 +7,9 @@ import time
 import httpx
 import pytest
 
-from support.app import SLUG, running_app, shared_engine, wait_status
+from support.app import SLUG, running_app, shared_engine, wait_for, wait_status
 from support.faults import FaultyEngine
+from support.promises import MARGIN_S
 
 VALID = {"positivePrompt": "a cat", "width": 128, "height": 128, "steps": 1}
 
@@ -147,7 +148,5 @@ def test_expired_job_is_404_everywhere(tmp_path):
             assert response.status_code == 404, path
             assert "error" in response.json()
         # The janitor deletes the file itself, not only the record.
-        deadline = time.monotonic() + 10
-        while list((data / "outputs").glob(f"{request_id}.*")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not list((data / "outputs").glob(f"{request_id}.*"))
+        wait_for(lambda: not list((data / "outputs").glob(f"{request_id}.*")), timeout=MARGIN_S,
+                 what="the janitor deleting the expired image")

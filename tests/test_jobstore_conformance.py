@@ -229,6 +229,9 @@ def test_retried_delivery_claim_with_the_same_token_returns_the_same_delivery(st
 
 BACKOFF = 0.5
 MARGIN = 0.15
+# How long something must not have happened yet: wide enough that a pause of a busy machine between two
+# store calls does not close it (the waits past it are timed from the call that opened it).
+WINDOW = 1.0
 
 
 def sleep_until(at: float) -> None:
@@ -484,10 +487,11 @@ def test_attempts_are_recorded_and_retries_wait(store):
     job, _ = submit_with_delivery(store)
     store.cancel(job.id, "cancelled")
     _, lease = store.outbox().claim_delivery("d")
-    assert store.outbox().record_attempt(lease, {"status_code": 500}, "pending", next_attempt_at=time.time() + 0.3)
+    due = time.time() + WINDOW
+    assert store.outbox().record_attempt(lease, {"status_code": 500}, "pending", next_attempt_at=due)
     assert not store.outbox().record_attempt(lease, {"status_code": 200}, "delivered")  # lease released
     assert store.outbox().claim_delivery("d") is None  # not due yet
-    time.sleep(0.35)
+    time.sleep(max(0.0, due - time.time()) + 0.05)
     _, lease = store.outbox().claim_delivery("d")
     assert store.outbox().record_attempt(lease, {"status_code": 200}, "delivered")
     assert store.outbox().claim_delivery("d") is None
@@ -556,20 +560,23 @@ def test_previews_are_watched_only_while_the_marker_lives(make_store):
     api, worker = make_store(), make_store()  # the API marks the job, a worker elsewhere asks
     job = submit(api)
     assert not worker.previews_watched(job.id)  # nobody asked
-    api.watch_previews(job.id, 0.3)
+    marked = time.monotonic()
+    api.watch_previews(job.id, WINDOW)
     assert worker.previews_watched(job.id)
-    time.sleep(0.5)
+    time.sleep(max(0.0, marked + WINDOW - time.monotonic()) + 0.1)
     assert not worker.previews_watched(job.id)  # the watcher went away without a word: the marker lapsed
 
 
 def test_renewing_the_preview_marker_extends_it(store):
     job = submit(store)
-    store.watch_previews(job.id, 0.6)
-    time.sleep(0.4)
-    store.watch_previews(job.id, 0.6)
-    time.sleep(0.4)  # past the first marker's end, inside the renewed one's
-    assert store.previews_watched(job.id)
-    time.sleep(0.4)
+    first = time.monotonic()
+    store.watch_previews(job.id, WINDOW)
+    time.sleep(WINDOW / 2)
+    renewed = time.monotonic()
+    store.watch_previews(job.id, WINDOW)
+    time.sleep(max(0.0, first + WINDOW - time.monotonic()) + 0.1)  # past the first marker's end
+    assert store.previews_watched(job.id)  # inside the renewed one's (for about WINDOW / 2 more)
+    time.sleep(max(0.0, renewed + WINDOW - time.monotonic()) + 0.1)
     assert not store.previews_watched(job.id)
 
 
