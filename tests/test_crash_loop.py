@@ -79,7 +79,8 @@ def claimable_at(jobs: list[Job], store: JobStore) -> float:
     Called while no worker is alive, so every PROCESSING job's holder is dead."""
     if any(job.state is JobState.QUEUED for job in jobs):
         return time.monotonic()
-    return min(monotonic_of(reclaimable_at(job, store.policy)) for job in jobs if job.state is JobState.PROCESSING)
+    return min((monotonic_of(reclaimable_at(job, store.policy)) for job in jobs if job.state is JobState.PROCESSING),
+               default=time.monotonic())
 
 
 def wait_for_claim(store: JobStore, ids: list[str], seen: set[tuple[str, int]],
