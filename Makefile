@@ -13,8 +13,11 @@ FAST_MARKERS := not drill and not browser and not deploy and not compile
 .PHONY: run test test-fast check clean browser postgres redis
 
 # What `make run` needs (the service) and, on top of it, what `make test` needs (the test extra):
-# each installed once, and again when pyproject.toml changes. --no-compile: Python compiles what it
-# imports on first use, instead of pip compiling every file of torch up front (half the install time).
+# each installed once, and again when pyproject.toml changes. `make run` skips pip's byte-compiling of
+# every file (half the install time; Python compiles what it imports). The tests start dozens of
+# processes, so `make test` byte-compiles the whole venv once, on every core: where the environment says
+# PYTHONDONTWRITEBYTECODE, nothing else would, and each process would compile torch from source again.
+# (-qq: a few packages ship files for newer Pythons on purpose; those are skipped, as pip skips them.)
 PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
 
 $(BIN)/.runtime: pyproject.toml
@@ -25,6 +28,7 @@ $(BIN)/.runtime: pyproject.toml
 
 $(BIN)/.installed: $(BIN)/.runtime
 	$(PIP_INSTALL) -e '.[test]'
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $@
 
 run: $(BIN)/.runtime
