@@ -285,13 +285,14 @@ def test_adverts_are_shared_lapse_and_are_withdrawn(presence):
     worker, api = presence
     assert api.live() == []
     worker.advertise("w1", {"a": ModelState("loading"), "b": ModelState("failed", "no weights")}, ttl=30)
-    worker.advertise("w2", {"a": ModelState("ready")}, ttl=0.6)
+    worker.advertise("w2", {"a": ModelState("ready")}, ttl=2.0)  # wide enough for a busy machine's pause
+    w2_lapses = time.monotonic() + 2.0  # at the latest
     view = FleetView(tuple(api.live()))
     assert view.workers == {"w1", "w2"} and view.states("a") == ["loading", "ready"]
     assert view.serving("a") and not view.serving("b") and view.errors("b") == ["no weights"]
     worker.advertise("w1", {"a": ModelState("ready")}, ttl=30)  # replaces w1's adverts
     assert not FleetView(tuple(api.live())).errors("b")
-    time.sleep(1.0)  # w2 was not renewed: it lapsed
+    time.sleep(max(0.0, w2_lapses - time.monotonic()) + 0.1)  # w2 was not renewed: it lapsed
     assert FleetView(tuple(api.live())).workers == {"w1"}
     worker.withdraw("w1")
     assert api.live() == []
