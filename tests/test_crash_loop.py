@@ -74,13 +74,17 @@ def drill(request, tmp_path):
         drop_prefix(redis.Redis.from_url(url), prefix)
 
 
+def reclaim_times(jobs: list[Job], store: JobStore) -> list[float]:
+    """When each PROCESSING job may be claimed again (monotonic). Read while no worker is alive, so
+    every PROCESSING job's holder is dead."""
+    return [monotonic_of(reclaimable_at(job, store.policy)) for job in jobs if job.state is JobState.PROCESSING]
+
+
 def claimable_at(jobs: list[Job], store: JobStore) -> float:
-    """When the next job may be claimed (monotonic): now if one is queued, else the soonest reclaim.
-    Called while no worker is alive, so every PROCESSING job's holder is dead."""
+    """When the next job may be claimed (monotonic): now if one is queued, else the soonest reclaim."""
     if any(job.state is JobState.QUEUED for job in jobs):
         return time.monotonic()
-    return min((monotonic_of(reclaimable_at(job, store.policy)) for job in jobs if job.state is JobState.PROCESSING),
-               default=time.monotonic())
+    return min(reclaim_times(jobs, store), default=time.monotonic())
 
 
 def wait_for_claim(store: JobStore, ids: list[str], seen: set[tuple[str, int]],
@@ -141,29 +145,28 @@ def test_worker_killed_after_every_claim_loses_no_job(drill, tmp_path: Path):
         crashed_for = time.monotonic() - crashing_from
 
         # The crashes stop: once its reclaim time has come, every job runs to its end on one worker.
-        jobs = [job for job in map(store.get, ids) if job is not None]
-        all_claimable = max((monotonic_of(reclaimable_at(job, store.policy)) for job in jobs
-                             if job.state is JobState.PROCESSING), default=time.monotonic())
+        all_claimable = max(reclaim_times([job for job in map(store.get, ids) if job is not None], store),
+                            default=time.monotonic())
         last = worker(tmp_path / "worker-last.log", env)
         processes.append(last)
         start_ready(last)
         promised = max(time.monotonic(), all_claimable) + JOBS * JOB_SECONDS + MARGIN_S
-
-        def unfinished() -> list[str]:
-            ended = {job.id: job for job in map(store.get, ids) if job is not None}
-            return [f"job {job_id} still {job.state.value} on attempt {job.attempts}, "
-                    f"{time.monotonic() - all_claimable:.0f}s after every job's reclaim time" if job else
-                    f"job {job_id} gone" for job_id in ids
-                    if (job := ended.get(job_id)) is None or job.state is not JobState.COMPLETED]
+        ended: list[Job | None] = []
 
         def all_completed() -> bool:
+            nonlocal ended
             ended = [store.get(job_id) for job_id in ids]
             failed = [(job.id, job.error) for job in ended if job is not None and job.state is JobState.FAILED]
             assert not failed, f"jobs failed after the crash loop: {failed}"
             return all(job is not None and job.state is JobState.COMPLETED for job in ended)
 
-        wait_until(all_completed, lambda: promised, lambda: "; ".join(unfinished()), poll=0.1)
-        ended = [store.get(job_id) for job_id in ids]
+        def unfinished() -> str:
+            late = f"{time.monotonic() - all_claimable:.0f}s after every job's reclaim time"
+            return "; ".join(f"job {job_id} still {job.state.value} on attempt {job.attempts}, {late}" if job
+                             else f"job {job_id} gone" for job_id, job in zip(ids, ended, strict=True)
+                             if job is None or job.state is not JobState.COMPLETED)
+
+        wait_until(all_completed, lambda: promised, unfinished, poll=0.1)
         per_job = Counter(job_id for job_id, _ in kills)
         print(f"\n[{'redis' if 'FLUXSERVE_STORE' in env else 'sqlite'}] worker restart {restart_seconds:.1f}s, "
               f"so reclaim backoff {backoff:.1f}s; {KILLS} SIGKILLs right after a claim in {crashed_for:.1f}s, "

@@ -18,6 +18,7 @@ from fluxserve.jobs.policy import LeasePolicy
 from fluxserve.jobs.postgres import _MIGRATIONS, _RECHECK_SECONDS, PostgresJobStore, _Listener
 
 from conftest import free_port
+from support.app import wait_for
 
 # Every waiter below waits this long at most, and (but in the lost-notification test) re-reads the table
 # only every RECHECK_S: a waiter that returns before its timeout was woken by a notification, however busy
@@ -31,10 +32,9 @@ POLICY = LeasePolicy(lease_seconds=30.0, max_attempts=2, retention_seconds=30.0,
 
 
 @pytest.fixture(autouse=True)
-def notifications_only(request, monkeypatch):
+def notifications_only(monkeypatch):
     """Waiters re-read the table only every RECHECK_S: what wakes them sooner is a notification."""
-    if "lost_notification" not in request.node.name:
-        monkeypatch.setattr("fluxserve.jobs.postgres._RECHECK_SECONDS", RECHECK_S)
+    monkeypatch.setattr("fluxserve.jobs.postgres._RECHECK_SECONDS", RECHECK_S)
 
 
 def woken(thread: threading.Thread, times: dict[str, float], what: str) -> None:
@@ -74,13 +74,6 @@ def in_thread(target, *args) -> tuple[threading.Thread, dict[str, float]]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, times
-
-
-def wait_until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def terminate(url: str, where: str, *args) -> int:
@@ -152,6 +145,7 @@ def test_a_lost_notification_costs_at_most_the_recheck(open_store, monkeypatch):
     api, worker = open_store(), open_store()
     for store in (api, worker):
         monkeypatch.setattr(store._listener, "_wake", lambda channel, key: None)  # every notification lost
+    monkeypatch.setattr("fluxserve.jobs.postgres._RECHECK_SECONDS", _RECHECK_SECONDS)  # the real re-read, here
     # No notification arrives: the re-read every _RECHECK_SECONDS finds the work, long before the timeout.
     thread, times = in_thread(worker.wait_for_work, ["m"], WAIT_S)
     time.sleep(0.2)
@@ -172,14 +166,14 @@ def test_a_lost_notification_costs_at_most_the_recheck(open_store, monkeypatch):
 def test_the_listener_reconnects_after_its_backend_is_terminated(open_store, postgres_url):
     api, worker = open_store(), open_store()
     worker.wait_for_work(None, 0.01)  # starts the listener
-    wait_until(lambda: listening(worker))
+    wait_for(lambda: listening(worker), timeout=5.0, what="the listener")
     old_pid = worker._listener.pid
     thread, times = in_thread(worker.wait_for_work, ["m"], WAIT_S)
     time.sleep(0.2)
     assert terminate(postgres_url, "pid = %s", old_pid) == 1
     api.submit(new_job())  # most likely sent while nobody listens: the reconnect wakes the waiter anyway
     woken(thread, times, "the listener's reconnect")
-    wait_until(lambda: listening(worker, old_pid))
+    wait_for(lambda: listening(worker, old_pid), timeout=5.0, what="the listener back")
     worker.claim("w")
 
     # Listening again: the next submit wakes a waiter through its notification.
@@ -193,14 +187,14 @@ def test_every_connection_terminated_the_store_carries_on(open_store, postgres_u
     """As after a database restart: the pool replaces its connections, the listener reconnects."""
     api, worker = open_store(), open_store()
     worker.wait_for_work(None, 0.01)
-    wait_until(lambda: listening(worker))
+    wait_for(lambda: listening(worker), timeout=5.0, what="the listener")
     old_pid = worker._listener.pid
     assert terminate(postgres_url, "true") >= 3  # both pools and the listener
     assert api.ping() and worker.ping()
     job = api.submit(new_job())
     claimed, lease = worker.claim("w")
     assert claimed.id == job.id
-    wait_until(lambda: listening(worker, old_pid))
+    wait_for(lambda: listening(worker, old_pid), timeout=5.0, what="the listener back")
     thread, times = in_thread(api.wait_terminal, job.id, WAIT_S)
     time.sleep(0.3)
     assert worker.complete(lease, JobResult("k", "image/png"))
@@ -226,7 +220,7 @@ def test_an_unreachable_server_is_retried_with_backoff_and_close_is_prompt(caplo
 def test_close_stops_the_listener_promptly(open_store, postgres_url):
     store = open_store()
     store.wait_for_work(None, 0.01)
-    wait_until(lambda: listening(store))
+    wait_for(lambda: listening(store), timeout=5.0, what="the listener")
     pid = store._listener.pid
     thread = store._listener._thread
     started = time.monotonic()
@@ -234,8 +228,8 @@ def test_close_stops_the_listener_promptly(open_store, postgres_url):
     assert time.monotonic() - started < PAUSE_S
     assert thread is not None and not thread.is_alive()
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        wait_until(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
-                                        (pid,)).fetchone() == (0,))
+        wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                      (pid,)).fetchone() == (0,), timeout=5.0, what="the listener's backend gone")
     assert not store.ping()
 
 

@@ -34,6 +34,8 @@ from fluxserve.api import create_app
 from fluxserve.config import Settings
 from fluxserve.services import Services
 
+from support.promises import wait_until
+
 SLUG = "juggernaut-pro-flux"
 BASE_URL = "http://127.0.0.1"  # a loopback name: the host an open server answers
 
@@ -63,13 +65,9 @@ def wait_status(client: httpx.Client, request_id: str, states=("COMPLETED", "FAI
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 120.0, what: str = "condition"):
+    """`condition()`'s first truthy value, within `timeout` seconds from now."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} not met after {timeout}s")
+    return wait_until(condition, lambda: deadline, lambda: f"{what} not met after {timeout}s")
 
 
 # -- the log of the process ----------------------------------------------------------------------
